@@ -1,0 +1,96 @@
+//! `sidbooth`: the command line for operators, researchers and newcomers.
+//!
+//! * `sidbooth dev [--demo]`: everything in one process on embedded defaults.
+//! * `sidbooth migrate`: apply the database migrations.
+//! * `sidbooth keys create --tenant NAME`: issue an API key (printed once).
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use sidbooth_core::DatabaseArgs;
+
+mod demo;
+mod dev;
+mod postgres;
+
+#[derive(Parser)]
+#[command(name = "sidbooth", version, about = "Subject personalization without background leakage")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the API, a worker, an embedded S3 server and (if needed) Postgres in one process.
+    Dev(dev::DevArgs),
+    /// Apply the database migrations.
+    Migrate {
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+    /// Manage API keys.
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCommand {
+    /// Create a key for a tenant (the tenant is created if new). The key is printed once; only
+    /// its hash is stored.
+    Create {
+        #[arg(long)]
+        tenant: String,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+    /// Revoke a key by its id.
+    Revoke {
+        #[arg(long)]
+        id: uuid::Uuid,
+        #[command(flatten)]
+        db: DatabaseArgs,
+    },
+}
+
+fn init_tracing() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,aws=warn,hyper=warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+}
+
+#[tokio::main]
+async fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_tracing();
+    match cli.command {
+        Command::Dev(args) => dev::run(args).await,
+        Command::Migrate { db } => {
+            let pool = sidbooth_core::db::connect(&db).await?;
+            sidbooth_core::db::migrate(&pool).await?;
+            println!("migrations applied");
+            Ok(())
+        }
+        Command::Keys { command } => match command {
+            KeysCommand::Create { tenant, db } => {
+                let pool = sidbooth_core::db::connect(&db).await?;
+                sidbooth_core::db::migrate(&pool).await?;
+                let key = sidbooth_core::tenants::create_key(&pool, &tenant).await?;
+                eprintln!("key {} for tenant {tenant:?} (shown once; only its hash is stored):", key.key_id);
+                println!("{}", key.secret);
+                Ok(())
+            }
+            KeysCommand::Revoke { id, db } => {
+                let pool = sidbooth_core::db::connect(&db).await?;
+                if sidbooth_core::tenants::revoke_key(&pool, id).await? {
+                    println!("key {id} revoked");
+                    Ok(())
+                } else {
+                    anyhow::bail!("no live key with id {id}")
+                }
+            }
+        },
+    }
+}

@@ -1,0 +1,26 @@
+//! The service's backbone below HTTP: the job store and queue on Postgres, the artifact store on
+//! S3-compatible storage, tenants and API keys, and their configuration.
+//!
+//! Everything here is async I/O on sqlx and aws-sdk-s3; nothing knows about axum or candle.
+
+pub mod config;
+pub mod db;
+pub mod error;
+pub mod events;
+pub mod jobs;
+pub mod keys;
+pub mod queue;
+pub mod storage;
+pub mod tenants;
+
+pub use config::{DatabaseArgs, QueueSettings, StorageArgs};
+pub use error::CoreError;
+pub use jobs::{Created, 
+    Artifact, Description, JobError, JobImage, JobRecord, JobStore, ListPage, NewDescription,
+    NewImage, NewJob,
+};
+pub use queue::{Claimed, Heartbeat, Lease, NewArtifact, Queue, RetryDecision};
+pub use storage::ArtifactStore;
+
+#[cfg(feature = "test-support")]
+pub mod testing;

@@ -1,0 +1,421 @@
+//! The job queue on Postgres.
+//!
+//! * Claim: `FOR UPDATE SKIP LOCKED` picks one queued job whose `run_after` has come, or a running
+//!   job whose lease lapsed (its worker died). Each claim bumps `lease_epoch`.
+//! * Fencing: every write a worker makes carries its lease `(job id, epoch)` and matches only
+//!   while the job is still running under that epoch. A worker whose lease was taken over gets
+//!   [`CoreError::LeaseLost`] and must stop.
+//! * Heartbeats renew the lease and report cancellation requests.
+//! * Transient failures go back to `queued` with an exponential `run_after`, until
+//!   `max_attempts` consecutive tries failed. A finished stage resets the count.
+
+use std::time::Duration;
+
+use serde::Serialize;
+use sidbooth_domain::{JobStatus, Stage};
+use sqlx::{postgres::PgListener, PgPool, Postgres, Transaction};
+use uuid::Uuid;
+
+use crate::{
+    config::QueueSettings,
+    error::{CoreError, Result},
+    events,
+    jobs::{status_event, JobError, JobRecord, JobRow, NewDescription, JOB_COLUMNS},
+};
+
+/// A worker's hold on a job. Cheap to clone; every write to the job goes through one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lease {
+    pub job_id: Uuid,
+    pub tenant_id: Uuid,
+    pub epoch: i64,
+}
+
+#[derive(Debug, Clone)]
+pub struct Claimed {
+    pub lease: Lease,
+    pub job: JobRecord,
+}
+
+/// What a heartbeat learned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Heartbeat {
+    pub cancel_requested: bool,
+}
+
+/// What happened to a job after a transient failure.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RetryDecision {
+    RetryAfter(Duration),
+    Failed,
+}
+
+/// An artifact a worker stored.
+#[derive(Debug, Clone, Serialize)]
+pub struct NewArtifact {
+    pub name: String,
+    pub object_key: String,
+    pub content_type: String,
+    pub size: i64,
+    pub sha256: String,
+}
+
+#[derive(Clone, Debug)]
+pub struct Queue {
+    pool: PgPool,
+    settings: QueueSettings,
+    worker_id: Uuid,
+}
+
+/// The predicate of every fenced write: `$1` job id, `$2` epoch.
+const FENCE: &str = "id = $1 AND lease_epoch = $2 AND status = 'running'";
+
+impl Queue {
+    pub fn new(pool: PgPool, settings: QueueSettings) -> Self {
+        Self {
+            pool,
+            settings,
+            worker_id: Uuid::now_v7(),
+        }
+    }
+
+    pub fn worker_id(&self) -> Uuid {
+        self.worker_id
+    }
+
+    pub fn settings(&self) -> &QueueSettings {
+        &self.settings
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// A listener on the queue channel; idle workers wait on it with a polling fallback.
+    pub async fn listen(&self) -> Result<PgListener> {
+        let mut listener = PgListener::connect_with(&self.pool).await?;
+        listener.listen(events::QUEUE_CHANNEL).await?;
+        Ok(listener)
+    }
+
+    /// Claims the next job, or None when there is nothing to do.
+    #[tracing::instrument(skip(self), fields(worker = %self.worker_id))]
+    pub async fn claim(&self) -> Result<Option<Claimed>> {
+        let mut tx = self.pool.begin().await?;
+        let row: Option<ClaimRow> = sqlx::query_as(&format!(
+            "UPDATE jobs SET status = 'running', lease_owner = $1,
+                    lease_expires_at = now() + make_interval(secs => $2),
+                    lease_epoch = lease_epoch + 1, attempts = attempts + 1, updated_at = now()
+             WHERE id = (
+                 SELECT id FROM jobs
+                 WHERE (status = 'queued' AND run_after <= now())
+                    OR (status = 'running' AND lease_expires_at < now())
+                 ORDER BY run_after, id
+                 FOR UPDATE SKIP LOCKED
+                 LIMIT 1)
+             RETURNING {JOB_COLUMNS}, lease_epoch"
+        ))
+        .bind(self.worker_id)
+        .bind(self.settings.lease_secs)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some(ClaimRow { job, lease_epoch: epoch }) = row else {
+            tx.rollback().await?;
+            return Ok(None);
+        };
+        let job = JobRecord::try_from(job)?;
+        events::record(&mut *tx, job.id, "status", status_event(&job)).await?;
+        tx.commit().await?;
+        Ok(Some(Claimed {
+            lease: Lease {
+                job_id: job.id,
+                tenant_id: job.tenant_id,
+                epoch,
+            },
+            job,
+        }))
+    }
+
+    /// Renews the lease. Fails with LeaseLost when another worker took the job over, or when it
+    /// was deleted or finished.
+    pub async fn heartbeat(&self, lease: &Lease) -> Result<Heartbeat> {
+        let cancel: Option<bool> = sqlx::query_scalar(&format!(
+            "UPDATE jobs SET lease_expires_at = now() + make_interval(secs => $3)
+             WHERE {FENCE} RETURNING cancel_requested"
+        ))
+        .bind(lease.job_id)
+        .bind(lease.epoch)
+        .bind(self.settings.lease_secs)
+        .fetch_optional(&self.pool)
+        .await?;
+        cancel
+            .map(|cancel_requested| Heartbeat { cancel_requested })
+            .ok_or(CoreError::LeaseLost)
+    }
+
+    /// Runs a fenced update of the job row and records the resulting status event.
+    async fn transition(
+        &self,
+        lease: &Lease,
+        set: &str,
+        bind_error: Option<&JobError>,
+        event_kind: &str,
+    ) -> Result<JobRecord> {
+        let mut tx = self.pool.begin().await?;
+        let record = Self::transition_in(&mut tx, lease, set, bind_error).await?;
+        events::record(&mut *tx, lease.job_id, event_kind, status_event(&record)).await?;
+        tx.commit().await?;
+        Ok(record)
+    }
+
+    async fn transition_in(
+        tx: &mut Transaction<'_, Postgres>,
+        lease: &Lease,
+        set: &str,
+        bind_error: Option<&JobError>,
+    ) -> Result<JobRecord> {
+        let row: Option<JobRow> = sqlx::query_as(&format!(
+            "UPDATE jobs SET {set}, updated_at = now() WHERE {FENCE} RETURNING {JOB_COLUMNS}"
+        ))
+        .bind(lease.job_id)
+        .bind(lease.epoch)
+        .bind(bind_error.map(serde_json::to_value).transpose()?)
+        .fetch_optional(&mut **tx)
+        .await?;
+        row.ok_or(CoreError::LeaseLost)?.try_into()
+    }
+
+    /// Reports progress within a stage. `detail` carries stage-specific fields (image index,
+    /// training step and loss...) into the event.
+    pub async fn progress(
+        &self,
+        lease: &Lease,
+        stage: Stage,
+        progress: f32,
+        detail: serde_json::Value,
+    ) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(&format!(
+            "UPDATE jobs SET stage = $3, progress = $4, updated_at = now() WHERE {FENCE}"
+        ))
+        .bind(lease.job_id)
+        .bind(lease.epoch)
+        .bind(stage.as_str())
+        .bind(progress.clamp(0.0, 1.0))
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Err(CoreError::LeaseLost);
+        }
+        let mut data = serde_json::json!({ "stage": stage, "progress": progress });
+        if let (Some(data), serde_json::Value::Object(extra)) = (data.as_object_mut(), detail) {
+            data.extend(extra);
+        }
+        events::record(&mut *tx, lease.job_id, "progress", data).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    /// Marks a stage finished and moves to `next` (None: the last stage is done). A finished
+    /// stage resets the failure count, so retries count per stage.
+    pub async fn complete_stage(
+        &self,
+        lease: &Lease,
+        stage: Stage,
+        next: Option<Stage>,
+    ) -> Result<JobRecord> {
+        let set = format!(
+            "stages_done = array_append(array_remove(stages_done, '{s}'), '{s}'),
+             stage = {next}, progress = 0, attempts = 0, error = COALESCE($3, error)",
+            s = stage.as_str(),
+            next = next.map_or("NULL".to_owned(), |n| format!("'{}'", n.as_str())),
+        );
+        self.transition(lease, &set, None, "stage_completed").await
+    }
+
+    /// Parks the job for the user's review; the lease ends.
+    pub async fn await_review(&self, lease: &Lease) -> Result<JobRecord> {
+        self.transition(
+            lease,
+            "status = 'awaiting_review', lease_owner = NULL, lease_expires_at = NULL,
+             error = COALESCE($3, error)",
+            None,
+            "status",
+        )
+        .await
+    }
+
+    pub async fn succeed(&self, lease: &Lease) -> Result<JobRecord> {
+        self.transition(
+            lease,
+            "status = 'succeeded', stage = NULL, progress = 1, lease_owner = NULL,
+             lease_expires_at = NULL, finished_at = now(), error = COALESCE($3, NULL)",
+            None,
+            "status",
+        )
+        .await
+    }
+
+    /// Fails the job for good, recording why.
+    pub async fn fail(&self, lease: &Lease, error: &JobError) -> Result<JobRecord> {
+        self.transition(
+            lease,
+            "status = 'failed', lease_owner = NULL, lease_expires_at = NULL,
+             finished_at = now(), error = $3",
+            Some(error),
+            "status",
+        )
+        .await
+    }
+
+    /// Marks a job whose cancellation the worker observed as canceled.
+    pub async fn mark_canceled(&self, lease: &Lease) -> Result<JobRecord> {
+        self.transition(
+            lease,
+            "status = 'canceled', lease_owner = NULL, lease_expires_at = NULL,
+             finished_at = now(), error = COALESCE($3, error)",
+            None,
+            "status",
+        )
+        .await
+    }
+
+    /// After a transient failure: back to the queue with exponential backoff, or failed when the
+    /// job has used its attempts.
+    pub async fn retry_later(&self, lease: &Lease, error: &JobError) -> Result<RetryDecision> {
+        let mut tx = self.pool.begin().await?;
+        let (attempts, max_attempts): (i32, i32) = sqlx::query_as(&format!(
+            "SELECT attempts, max_attempts FROM jobs WHERE {FENCE} FOR UPDATE"
+        ))
+        .bind(lease.job_id)
+        .bind(lease.epoch)
+        .fetch_optional(&mut *tx)
+        .await?
+        .ok_or(CoreError::LeaseLost)?;
+        if attempts >= max_attempts {
+            tx.rollback().await?;
+            self.fail(lease, error).await?;
+            return Ok(RetryDecision::Failed);
+        }
+        let delay = self.settings.backoff(attempts);
+        let set = format!(
+            "status = 'queued', lease_owner = NULL, lease_expires_at = NULL, error = $3,
+             run_after = now() + make_interval(secs => {})",
+            delay.as_secs_f64()
+        );
+        let record = Self::transition_in(&mut tx, lease, &set, Some(error)).await?;
+        events::record(&mut *tx, lease.job_id, "status", status_event(&record)).await?;
+        tx.commit().await?;
+        Ok(RetryDecision::RetryAfter(delay))
+    }
+
+    /// Gives a job back without counting a failed try (graceful shutdown): another worker can
+    /// claim it at once.
+    pub async fn release(&self, lease: &Lease) -> Result<JobRecord> {
+        let record = self
+            .transition(
+                lease,
+                "status = 'queued', lease_owner = NULL, lease_expires_at = NULL,
+                 run_after = now(), attempts = greatest(attempts - 1, 0),
+                 error = COALESCE($3, error)",
+                None,
+                "status",
+            )
+            .await?;
+        events::notify_queue(&self.pool).await?;
+        Ok(record)
+    }
+
+    /// Stores one image's description, replacing an earlier one for the same image (a resumed
+    /// stage rewrites rather than duplicates).
+    pub async fn save_description(&self, lease: &Lease, d: &NewDescription) -> Result<()> {
+        let done = sqlx::query(&format!(
+            "INSERT INTO descriptions (job_id, idx, text, description_case, model, instruction,
+                                       instruction_version, problem)
+             SELECT $1, $3, $4, $5, $6, $7, $8, $9 FROM jobs WHERE {FENCE}
+             ON CONFLICT (job_id, idx) DO UPDATE SET
+                 text = EXCLUDED.text, description_case = EXCLUDED.description_case,
+                 model = EXCLUDED.model, instruction = EXCLUDED.instruction,
+                 instruction_version = EXCLUDED.instruction_version, problem = EXCLUDED.problem,
+                 edited = false, updated_at = now()"
+        ))
+        .bind(lease.job_id)
+        .bind(lease.epoch)
+        .bind(d.idx)
+        .bind(&d.text)
+        .bind(d.case.as_str())
+        .bind(&d.model)
+        .bind(&d.instruction)
+        .bind(&d.instruction_version)
+        .bind(&d.problem)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Err(CoreError::LeaseLost);
+        }
+        Ok(())
+    }
+
+    /// Records an artifact the worker has stored.
+    pub async fn record_artifact(&self, lease: &Lease, a: &NewArtifact) -> Result<()> {
+        let done = sqlx::query(&format!(
+            "INSERT INTO artifacts (job_id, name, object_key, content_type, size, sha256)
+             SELECT $1, $3, $4, $5, $6, $7 FROM jobs WHERE {FENCE}
+             ON CONFLICT (job_id, name) DO UPDATE SET
+                 object_key = EXCLUDED.object_key, content_type = EXCLUDED.content_type,
+                 size = EXCLUDED.size, sha256 = EXCLUDED.sha256, created_at = now()"
+        ))
+        .bind(lease.job_id)
+        .bind(lease.epoch)
+        .bind(&a.name)
+        .bind(&a.object_key)
+        .bind(&a.content_type)
+        .bind(a.size)
+        .bind(&a.sha256)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Err(CoreError::LeaseLost);
+        }
+        Ok(())
+    }
+
+    /// The job as it stands (for a worker that holds it).
+    pub async fn job(&self, lease: &Lease) -> Result<JobRecord> {
+        let row: Option<JobRow> =
+            sqlx::query_as(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
+                .bind(lease.job_id)
+                .fetch_optional(&self.pool)
+                .await?;
+        row.ok_or(CoreError::NotFound)?.try_into()
+    }
+
+    /// Whether the job is still running under this lease (a cheap check before long writes).
+    pub async fn still_holds(&self, lease: &Lease) -> Result<bool> {
+        let holds: Option<i32> =
+            sqlx::query_scalar(&format!("SELECT 1 FROM jobs WHERE {FENCE}"))
+                .bind(lease.job_id)
+                .bind(lease.epoch)
+                .fetch_optional(&self.pool)
+                .await?;
+        Ok(holds.is_some())
+    }
+
+    /// Statuses a job may have been moved to by someone else while a worker held it.
+    pub async fn status(&self, job_id: Uuid) -> Result<Option<JobStatus>> {
+        let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
+            .bind(job_id)
+            .fetch_optional(&self.pool)
+            .await?;
+        status
+            .map(|s| s.parse().map_err(|e: sidbooth_domain::ParseStatusError| CoreError::Corrupt(e.to_string())))
+            .transpose()
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct ClaimRow {
+    #[sqlx(flatten)]
+    job: JobRow,
+    lease_epoch: i64,
+}

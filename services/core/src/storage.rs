@@ -1,0 +1,233 @@
+//! The artifact store: any S3-compatible server through aws-sdk-s3.
+
+use std::time::Duration;
+
+use aws_sdk_s3::{
+    config::{BehaviorVersion, Credentials, Region},
+    presigning::PresigningConfig,
+    primitives::ByteStream,
+    types::{Delete, ObjectIdentifier},
+    Client,
+};
+use bytes::Bytes;
+
+use crate::{
+    config::StorageArgs,
+    error::{CoreError, Result},
+};
+
+#[derive(Clone, Debug)]
+pub struct ArtifactStore {
+    client: Client,
+    bucket: String,
+    presign_ttl: Duration,
+}
+
+fn storage_err(e: impl std::fmt::Display) -> CoreError {
+    CoreError::Storage(e.to_string())
+}
+
+/// Renders an SDK error with its source chain; the SDK's own Display is often just "service error".
+fn sdk_err<E: std::error::Error>(e: E) -> CoreError {
+    let mut msg = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        msg.push_str(": ");
+        msg.push_str(&s.to_string());
+        source = s.source();
+    }
+    CoreError::Storage(msg)
+}
+
+impl ArtifactStore {
+    /// Connects with credentials from the standard AWS chain (environment, profile, IMDS).
+    pub async fn connect(args: &StorageArgs) -> Result<Self> {
+        let shared = aws_config::defaults(BehaviorVersion::latest())
+            .region(Region::new(args.s3_region.clone()))
+            .load()
+            .await;
+        let mut builder =
+            aws_sdk_s3::config::Builder::from(&shared).force_path_style(args.s3_path_style);
+        if let Some(endpoint) = &args.s3_endpoint {
+            builder = builder.endpoint_url(endpoint);
+        }
+        Ok(Self::from_client(Client::from_conf(builder.build()), args))
+    }
+
+    /// Connects with explicit static credentials (embedded servers and tests).
+    pub fn with_static_credentials(args: &StorageArgs, access_key: &str, secret_key: &str) -> Self {
+        let creds = Credentials::new(access_key, secret_key, None, None, "sidbooth-static");
+        let mut builder = aws_sdk_s3::config::Builder::new()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(args.s3_region.clone()))
+            .credentials_provider(creds)
+            .force_path_style(args.s3_path_style);
+        if let Some(endpoint) = &args.s3_endpoint {
+            builder = builder.endpoint_url(endpoint);
+        }
+        Self::from_client(Client::from_conf(builder.build()), args)
+    }
+
+    fn from_client(client: Client, args: &StorageArgs) -> Self {
+        Self {
+            client,
+            bucket: args.s3_bucket.clone(),
+            presign_ttl: Duration::from_secs(args.presign_ttl_secs),
+        }
+    }
+
+    /// How long a presigned URL stays valid.
+    pub fn presign_ttl(&self) -> Duration {
+        self.presign_ttl
+    }
+
+    pub fn bucket(&self) -> &str {
+        &self.bucket
+    }
+
+    /// Creates the bucket unless it exists (local and embedded set-ups).
+    pub async fn ensure_bucket(&self) -> Result<()> {
+        if self.ping().await.is_ok() {
+            return Ok(());
+        }
+        self.client
+            .create_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .map_err(sdk_err)?;
+        Ok(())
+    }
+
+    /// Readiness: the bucket answers.
+    pub async fn ping(&self) -> Result<()> {
+        self.client
+            .head_bucket()
+            .bucket(&self.bucket)
+            .send()
+            .await
+            .map_err(sdk_err)?;
+        Ok(())
+    }
+
+    #[tracing::instrument(skip(self, body), fields(bytes = body.len()))]
+    pub async fn put(&self, key: &str, body: Bytes, content_type: &str) -> Result<()> {
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_type(content_type)
+            .body(ByteStream::from(body))
+            .send()
+            .await
+            .map_err(sdk_err)?;
+        Ok(())
+    }
+
+    #[tracing::instrument(skip(self))]
+    pub async fn get(&self, key: &str) -> Result<Bytes> {
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.as_service_error().is_some_and(|s| s.is_no_such_key()) {
+                    CoreError::NotFound
+                } else {
+                    sdk_err(e)
+                }
+            })?;
+        let body = out.body.collect().await.map_err(storage_err)?;
+        Ok(body.into_bytes())
+    }
+
+    /// Whether an object exists.
+    pub async fn exists(&self, key: &str) -> Result<bool> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(false),
+            Err(e) => Err(sdk_err(e)),
+        }
+    }
+
+    /// Keys under a prefix.
+    pub async fn list(&self, prefix: &str) -> Result<Vec<String>> {
+        let mut keys = Vec::new();
+        let mut pages = self
+            .client
+            .list_objects_v2()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .into_paginator()
+            .send();
+        while let Some(page) = pages.next().await {
+            let page = page.map_err(sdk_err)?;
+            keys.extend(
+                page.contents()
+                    .iter()
+                    .filter_map(|o| o.key().map(str::to_owned)),
+            );
+        }
+        Ok(keys)
+    }
+
+    pub async fn delete(&self, key: &str) -> Result<()> {
+        self.client
+            .delete_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(sdk_err)?;
+        Ok(())
+    }
+
+    /// Deletes every object under a prefix; returns how many were deleted.
+    #[tracing::instrument(skip(self))]
+    pub async fn delete_prefix(&self, prefix: &str) -> Result<usize> {
+        let keys = self.list(prefix).await?;
+        for chunk in keys.chunks(1000) {
+            let objects = chunk
+                .iter()
+                .map(|k| ObjectIdentifier::builder().key(k).build().map_err(storage_err))
+                .collect::<Result<Vec<_>>>()?;
+            let delete = Delete::builder()
+                .set_objects(Some(objects))
+                .quiet(true)
+                .build()
+                .map_err(storage_err)?;
+            self.client
+                .delete_objects()
+                .bucket(&self.bucket)
+                .delete(delete)
+                .send()
+                .await
+                .map_err(sdk_err)?;
+        }
+        Ok(keys.len())
+    }
+
+    /// A time-limited GET URL for an object that anyone holding it can download.
+    pub async fn presign_get(&self, key: &str) -> Result<String> {
+        let config = PresigningConfig::expires_in(self.presign_ttl).map_err(storage_err)?;
+        let req = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .presigned(config)
+            .await
+            .map_err(sdk_err)?;
+        Ok(req.uri().to_string())
+    }
+}

@@ -1,0 +1,325 @@
+//! The job store and queue against a real Postgres database (one per test).
+
+use std::time::Duration;
+
+use sidbooth_core::{
+    jobs::{Created, NewDescription, NewImage, NewJob},
+    tenants,
+    testing::TestDb,
+    CoreError, JobError, JobStore, Queue, QueueSettings, RetryDecision,
+};
+use sidbooth_domain::{DescriptionCase, JobSpec, JobStatus, Stage};
+use uuid::Uuid;
+
+fn spec(review: bool) -> JobSpec {
+    serde_json::from_value(serde_json::json!({"subject_class": "dog", "review": review})).unwrap()
+}
+
+fn new_job(tenant: Uuid, images: usize, key: Option<&str>, hash: &[u8]) -> NewJob {
+    let id = Uuid::now_v7();
+    NewJob {
+        id,
+        tenant_id: tenant,
+        spec: spec(false),
+        images: (0..images)
+            .map(|i| NewImage {
+                file_name: format!("{i}.jpg"),
+                object_key: format!("k/{id}/{i}"),
+                content_type: "image/jpeg".into(),
+                sha256: "00".into(),
+                width: 8,
+                height: 8,
+                bytes: 10,
+            })
+            .collect(),
+        idempotency_key: key.map(str::to_owned),
+        request_hash: hash.to_vec(),
+        max_attempts: 3,
+    }
+}
+
+fn fast_settings() -> QueueSettings {
+    QueueSettings {
+        lease_secs: 30.0,
+        retry_base_secs: 0.05,
+        retry_max_secs: 0.2,
+        max_attempts: 3,
+        ..QueueSettings::default()
+    }
+}
+
+async fn tenant(db: &TestDb, name: &str) -> Uuid {
+    tenants::create_key(&db.pool, name).await.unwrap().tenant_id
+}
+
+async fn create(store: &JobStore, job: NewJob) -> Uuid {
+    match store.create(job).await.unwrap() {
+        Created::New(j) => j.id,
+        Created::Existing(_) => panic!("expected a new job"),
+    }
+}
+
+#[tokio::test]
+async fn a_job_runs_through_its_stages_and_records_events() {
+    let db = TestDb::new().await;
+    let store = JobStore::new(db.pool.clone());
+    let queue = Queue::new(db.pool.clone(), fast_settings());
+    let t = tenant(&db, "acme").await;
+    let id = create(&store, new_job(t, 2, None, b"h")).await;
+
+    let claimed = queue.claim().await.unwrap().expect("a job to claim");
+    assert_eq!(claimed.job.id, id);
+    assert_eq!(claimed.job.status, JobStatus::Running);
+    assert_eq!(claimed.job.next_stage(), Some(Stage::Describe));
+    assert!(queue.claim().await.unwrap().is_none(), "nothing else is claimable");
+
+    queue
+        .progress(&claimed.lease, Stage::Describe, 0.5, serde_json::json!({"image": 0}))
+        .await
+        .unwrap();
+    let done = queue
+        .complete_stage(&claimed.lease, Stage::Describe, None)
+        .await
+        .unwrap();
+    assert_eq!(done.stages_done, vec![Stage::Describe]);
+    assert_eq!(done.next_stage(), None);
+    let finished = queue.succeed(&claimed.lease).await.unwrap();
+    assert_eq!(finished.status, JobStatus::Succeeded);
+    assert!(finished.finished_at.is_some());
+
+    let kinds: Vec<String> = store
+        .events_since(id, 0)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.kind)
+        .collect();
+    assert_eq!(kinds, ["status", "status", "progress", "stage_completed", "status"]);
+}
+
+#[tokio::test]
+async fn a_lapsed_lease_is_taken_over_and_the_old_worker_is_fenced_out() {
+    let db = TestDb::new().await;
+    let store = JobStore::new(db.pool.clone());
+    let short = QueueSettings {
+        lease_secs: 0.3,
+        ..fast_settings()
+    };
+    let first = Queue::new(db.pool.clone(), short.clone());
+    let second = Queue::new(db.pool.clone(), short);
+    let t = tenant(&db, "acme").await;
+    let id = create(&store, new_job(t, 1, None, b"h")).await;
+
+    let old = first.claim().await.unwrap().unwrap();
+    assert!(second.claim().await.unwrap().is_none(), "lease still valid");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let new = second.claim().await.unwrap().expect("lapsed lease is claimable");
+    assert_eq!(new.job.id, id);
+    assert!(new.lease.epoch > old.lease.epoch);
+
+    assert!(matches!(first.heartbeat(&old.lease).await, Err(CoreError::LeaseLost)));
+    let description = NewDescription {
+        idx: 0,
+        text: "a photo of sks dog".into(),
+        case: DescriptionCase::ClassOnly,
+        model: "none".into(),
+        instruction: String::new(),
+        instruction_version: "1".into(),
+        problem: None,
+    };
+    assert!(matches!(
+        first.save_description(&old.lease, &description).await,
+        Err(CoreError::LeaseLost)
+    ));
+    assert!(matches!(first.succeed(&old.lease).await, Err(CoreError::LeaseLost)));
+    second.save_description(&new.lease, &description).await.unwrap();
+    second.heartbeat(&new.lease).await.unwrap();
+    assert_eq!(store.descriptions(id).await.unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn concurrent_workers_never_claim_the_same_job() {
+    let db = TestDb::new().await;
+    let store = JobStore::new(db.pool.clone());
+    let t = tenant(&db, "acme").await;
+    for _ in 0..40 {
+        create(&store, new_job(t, 1, None, b"h")).await;
+    }
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let queue = Queue::new(db.pool.clone(), fast_settings());
+        workers.push(tokio::spawn(async move {
+            let mut mine = Vec::new();
+            while let Some(c) = queue.claim().await.unwrap() {
+                queue.succeed(&c.lease).await.unwrap();
+                mine.push(c.job.id);
+            }
+            mine
+        }));
+    }
+    let mut all = Vec::new();
+    for w in workers {
+        all.extend(w.await.unwrap());
+    }
+    let total = all.len();
+    all.sort();
+    all.dedup();
+    assert_eq!(total, 40);
+    assert_eq!(all.len(), 40);
+}
+
+#[tokio::test]
+async fn transient_failures_back_off_then_fail_with_the_error_recorded() {
+    let db = TestDb::new().await;
+    let store = JobStore::new(db.pool.clone());
+    let queue = Queue::new(db.pool.clone(), fast_settings());
+    let t = tenant(&db, "acme").await;
+    let id = create(&store, new_job(t, 1, None, b"h")).await;
+    let error = JobError {
+        code: "vlm_unavailable".into(),
+        message: "the VLM answered 503".into(),
+        stage: Some(Stage::Describe),
+    };
+
+    for attempt in 1..=2 {
+        let c = queue.claim().await.unwrap().expect("claimable");
+        assert_eq!(c.job.attempts, attempt);
+        let decision = queue.retry_later(&c.lease, &error).await.unwrap();
+        assert!(matches!(decision, RetryDecision::RetryAfter(_)), "{decision:?}");
+        let job = store.get(t, id).await.unwrap();
+        assert_eq!(job.status, JobStatus::Queued);
+        assert!(job.run_after > chrono::Utc::now() - chrono::Duration::milliseconds(10));
+        assert!(queue.claim().await.unwrap().is_none(), "backing off");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let c = queue.claim().await.unwrap().expect("claimable");
+    assert_eq!(queue.retry_later(&c.lease, &error).await.unwrap(), RetryDecision::Failed);
+    let job = store.get(t, id).await.unwrap();
+    assert_eq!(job.status, JobStatus::Failed);
+    assert_eq!(job.error, Some(error));
+}
+
+#[tokio::test]
+async fn cancel_stops_queued_jobs_at_once_and_flags_running_ones() {
+    let db = TestDb::new().await;
+    let store = JobStore::new(db.pool.clone());
+    let queue = Queue::new(db.pool.clone(), fast_settings());
+    let t = tenant(&db, "acme").await;
+    let running = create(&store, new_job(t, 1, None, b"h")).await;
+    let c = queue.claim().await.unwrap().unwrap();
+    let queued = create(&store, new_job(t, 1, None, b"h")).await;
+
+    assert_eq!(store.cancel(t, queued).await.unwrap().status, JobStatus::Canceled);
+    assert!(matches!(store.cancel(t, queued).await, Err(CoreError::Conflict(_))));
+
+    let flagged = store.cancel(t, running).await.unwrap();
+    assert_eq!(flagged.status, JobStatus::Running);
+    assert!(queue.heartbeat(&c.lease).await.unwrap().cancel_requested);
+    assert_eq!(queue.mark_canceled(&c.lease).await.unwrap().status, JobStatus::Canceled);
+    assert!(queue.claim().await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn idempotency_keys_return_the_first_job_or_refuse_a_different_body() {
+    let db = TestDb::new().await;
+    let store = JobStore::new(db.pool.clone());
+    let t = tenant(&db, "acme").await;
+    let first = create(&store, new_job(t, 1, Some("k1"), b"same")).await;
+    match store.create(new_job(t, 1, Some("k1"), b"same")).await.unwrap() {
+        Created::Existing(j) => assert_eq!(j.id, first),
+        Created::New(_) => panic!("a second job for the same key"),
+    }
+    assert!(matches!(
+        store.create(new_job(t, 1, Some("k1"), b"other")).await,
+        Err(CoreError::IdempotencyMismatch)
+    ));
+    // The same key under another tenant is another job.
+    let other = tenant(&db, "globex").await;
+    create(&store, new_job(other, 1, Some("k1"), b"same")).await;
+}
+
+#[tokio::test]
+async fn listing_is_newest_first_paginated_filtered_and_per_tenant() {
+    let db = TestDb::new().await;
+    let store = JobStore::new(db.pool.clone());
+    let queue = Queue::new(db.pool.clone(), fast_settings());
+    let t = tenant(&db, "acme").await;
+    let other = tenant(&db, "globex").await;
+    let mut ids = Vec::new();
+    for _ in 0..5 {
+        ids.push(create(&store, new_job(t, 1, None, b"h")).await);
+    }
+    let foreign = create(&store, new_job(other, 1, None, b"h")).await;
+
+    let page1 = store.list(t, None, None, 2).await.unwrap();
+    assert_eq!(page1.jobs.iter().map(|j| j.id).collect::<Vec<_>>(), [ids[4], ids[3]]);
+    let page2 = store.list(t, None, page1.next_cursor, 2).await.unwrap();
+    assert_eq!(page2.jobs.iter().map(|j| j.id).collect::<Vec<_>>(), [ids[2], ids[1]]);
+    let page3 = store.list(t, None, page2.next_cursor, 2).await.unwrap();
+    assert_eq!(page3.jobs.iter().map(|j| j.id).collect::<Vec<_>>(), [ids[0]]);
+    assert_eq!(page3.next_cursor, None);
+
+    let c = queue.claim().await.unwrap().unwrap();
+    queue.succeed(&c.lease).await.unwrap();
+    let done = store.list(t, Some(JobStatus::Succeeded), None, 10).await.unwrap();
+    assert_eq!(done.jobs.len(), 1);
+    assert_eq!(done.jobs[0].id, c.job.id);
+
+    assert!(matches!(store.get(t, foreign).await, Err(CoreError::NotFound)));
+    assert!(matches!(store.cancel(t, foreign).await, Err(CoreError::NotFound)));
+    assert!(matches!(store.delete(t, foreign).await, Err(CoreError::NotFound)));
+}
+
+#[tokio::test]
+async fn review_edit_and_approve() {
+    let db = TestDb::new().await;
+    let store = JobStore::new(db.pool.clone());
+    let queue = Queue::new(db.pool.clone(), fast_settings());
+    let t = tenant(&db, "acme").await;
+    let mut job = new_job(t, 2, None, b"h");
+    job.spec = spec(true);
+    let id = create(&store, job).await;
+
+    assert!(matches!(
+        store.edit_descriptions(t, id, &[(0, "x".into())]).await,
+        Err(CoreError::Conflict(_))
+    ));
+    let c = queue.claim().await.unwrap().unwrap();
+    for idx in 0..2 {
+        let problem = (idx == 1).then(|| serde_json::json!({"code": "describes_subject"}));
+        queue
+            .save_description(
+                &c.lease,
+                &NewDescription {
+                    idx,
+                    text: format!("a photo of sks dog {idx}"),
+                    case: DescriptionCase::Sid,
+                    model: "m".into(),
+                    instruction: "i".into(),
+                    instruction_version: "1".into(),
+                    problem,
+                },
+            )
+            .await
+            .unwrap();
+    }
+    queue.complete_stage(&c.lease, Stage::Describe, None).await.unwrap();
+    queue.await_review(&c.lease).await.unwrap();
+    assert_eq!(store.get(t, id).await.unwrap().status, JobStatus::AwaitingReview);
+
+    assert!(matches!(store.approve(t, id).await, Err(CoreError::Conflict(_))));
+    let edited = store
+        .edit_descriptions(t, id, &[(1, "a photo of sks dog on a red rug".into())])
+        .await
+        .unwrap();
+    assert!(edited[1].edited && edited[1].problem.is_none());
+    assert!(matches!(
+        store.edit_descriptions(t, id, &[(5, "nope".into())]).await,
+        Err(CoreError::Conflict(_))
+    ));
+    let approved = store.approve(t, id).await.unwrap();
+    assert_eq!(approved.status, JobStatus::Queued);
+    let again = queue.claim().await.unwrap().unwrap();
+    assert_eq!(again.job.id, id);
+    assert_eq!(again.job.next_stage(), None, "describe is not redone after approval");
+}
