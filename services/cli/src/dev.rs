@@ -27,8 +27,10 @@ pub struct DevArgs {
     /// Photo folder the demo submits (with manual-descriptions.json beside the photos).
     #[arg(long, default_value = concat!(env!("CARGO_MANIFEST_DIR"), "/../../examples/dog6"))]
     demo_photos: PathBuf,
-    #[command(flatten)]
-    api: sidbooth_api::ApiConfig,
+    /// Address of the API.
+    #[arg(long, env = "SIDBOOTH_API_BIND", default_value = "127.0.0.1:8080")]
+    bind: SocketAddr,
+    /// Worker settings; the API shares its queue settings.
     #[command(flatten)]
     worker: sidbooth_worker::WorkerConfig,
 }
@@ -63,17 +65,22 @@ pub async fn run(args: DevArgs) -> Result<()> {
     let key = sidbooth_core::tenants::create_key(&pool, "dev").await?;
     let shutdown = CancellationToken::new();
 
-    let listener = tokio::net::TcpListener::bind(args.api.bind)
+    let api_config = sidbooth_api::ApiConfig {
+        bind: args.bind,
+        queue: args.worker.queue.clone(),
+        ..sidbooth_api::ApiConfig::default()
+    };
+    let listener = tokio::net::TcpListener::bind(args.bind)
         .await
-        .with_context(|| format!("binding the API to {}", args.api.bind))?;
+        .with_context(|| format!("binding the API to {} (choose another with --bind)", args.bind))?;
     let api_addr = listener.local_addr()?;
-    let state = sidbooth_api::AppState::new(pool.clone(), storage.clone(), args.api.clone());
+    let state = sidbooth_api::AppState::new(pool.clone(), storage.clone(), api_config);
     let api = tokio::spawn({
         let token = shutdown.clone();
         async move { sidbooth_api::serve(listener, state, async move { token.cancelled().await }).await }
     });
-    let vlm_configured = args.worker.vlm_configured();
-    let worker = sidbooth_worker::Worker::new(pool.clone(), storage.clone(), args.worker.clone());
+    let vlm_configured = args.worker.vlm.config().is_some();
+    let worker = sidbooth_worker::Worker::new(pool.clone(), storage.clone(), args.worker.clone())?;
     let worker = tokio::spawn(worker.run(shutdown.clone()));
 
     let api_url = format!("http://{api_addr}");
