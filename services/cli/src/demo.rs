@@ -24,16 +24,27 @@ pub async fn run(
     data_dir: &Path,
 ) -> Result<()> {
     let manual: ManualDescriptions = serde_json::from_slice(
-        &std::fs::read(photos.join("manual-descriptions.json"))
-            .with_context(|| format!("reading {}", photos.join("manual-descriptions.json").display()))?,
+        &std::fs::read(photos.join("manual-descriptions.json")).with_context(|| {
+            format!(
+                "reading {}",
+                photos.join("manual-descriptions.json").display()
+            )
+        })?,
     )?;
     let mut files: Vec<_> = std::fs::read_dir(photos)?
         .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "jpg" || e == "png" || e == "webp"))
+        .filter(|p| {
+            p.extension()
+                .is_some_and(|e| e == "jpg" || e == "png" || e == "webp")
+        })
         .collect();
     files.sort();
     if files.len() != manual.descriptions.len() {
-        bail!("{} photos but {} manual descriptions", files.len(), manual.descriptions.len());
+        bail!(
+            "{} photos but {} manual descriptions",
+            files.len(),
+            manual.descriptions.len()
+        );
     }
 
     let spec = if vlm_configured {
@@ -74,7 +85,10 @@ pub async fn run(
         .error_for_status()?
         .json()
         .await?;
-    let id = created["id"].as_str().context("job id in the response")?.to_owned();
+    let id = created["id"]
+        .as_str()
+        .context("job id in the response")?
+        .to_owned();
     eprintln!(
         "demo: submitted describe job {id} for {} photos from {} ({} descriptions)",
         files.len(),
@@ -93,7 +107,10 @@ pub async fn run(
             .json()
             .await?;
         let status = job["status"].as_str().unwrap_or_default().to_owned();
-        if matches!(status.as_str(), "succeeded" | "failed" | "canceled" | "awaiting_review") {
+        if matches!(
+            status.as_str(),
+            "succeeded" | "failed" | "canceled" | "awaiting_review"
+        ) {
             break job;
         }
         if started.elapsed() > Duration::from_secs(300) {
@@ -102,7 +119,10 @@ pub async fn run(
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     let status = job["status"].as_str().unwrap_or_default();
-    eprintln!("demo: job {id} {status} in {:.1}s", started.elapsed().as_secs_f64());
+    eprintln!(
+        "demo: job {id} {status} in {:.1}s",
+        started.elapsed().as_secs_f64()
+    );
     if status != "succeeded" {
         bail!("demo: job {id} ended {status}: {}", job["error"]);
     }
@@ -130,10 +150,20 @@ pub async fn run(
     for artifact in artifacts["artifacts"].as_array().into_iter().flatten() {
         let name = artifact["name"].as_str().unwrap_or("artifact");
         let url = artifact["url"].as_str().context("artifact url")?;
-        let bytes = http.get(url).send().await?.error_for_status()?.bytes().await?;
+        let bytes = http
+            .get(url)
+            .send()
+            .await?
+            .error_for_status()?
+            .bytes()
+            .await?;
         let path = out_dir.join(name);
         std::fs::write(&path, &bytes)?;
-        eprintln!("demo: {name} ({} bytes) downloaded through its presigned URL to {}", bytes.len(), path.display());
+        eprintln!(
+            "demo: {name} ({} bytes) downloaded through its presigned URL to {}",
+            bytes.len(),
+            path.display()
+        );
     }
     Ok(())
 }

@@ -49,9 +49,14 @@ pub async fn run(args: DevArgs) -> Result<()> {
     let pool = sidbooth_core::db::connect(&db_args).await?;
     sidbooth_core::db::migrate(&pool).await?;
 
-    let s3 = EmbeddedS3::start(&args.data_dir.join("s3"), args.s3_addr, DEV_ACCESS_KEY, DEV_SECRET_KEY)
-        .await
-        .context("starting the embedded S3 server")?;
+    let s3 = EmbeddedS3::start(
+        &args.data_dir.join("s3"),
+        args.s3_addr,
+        DEV_ACCESS_KEY,
+        DEV_SECRET_KEY,
+    )
+    .await
+    .context("starting the embedded S3 server")?;
     let storage_args = StorageArgs {
         s3_endpoint: Some(s3.endpoint()),
         s3_region: "us-east-1".into(),
@@ -59,7 +64,8 @@ pub async fn run(args: DevArgs) -> Result<()> {
         s3_path_style: true,
         presign_ttl_secs: 3600,
     };
-    let storage = ArtifactStore::with_static_credentials(&storage_args, DEV_ACCESS_KEY, DEV_SECRET_KEY);
+    let storage =
+        ArtifactStore::with_static_credentials(&storage_args, DEV_ACCESS_KEY, DEV_SECRET_KEY);
     storage.ensure_bucket().await?;
 
     let key = sidbooth_core::tenants::create_key(&pool, "dev").await?;
@@ -72,7 +78,12 @@ pub async fn run(args: DevArgs) -> Result<()> {
     };
     let listener = tokio::net::TcpListener::bind(args.bind)
         .await
-        .with_context(|| format!("binding the API to {} (choose another with --bind)", args.bind))?;
+        .with_context(|| {
+            format!(
+                "binding the API to {} (choose another with --bind)",
+                args.bind
+            )
+        })?;
     let api_addr = listener.local_addr()?;
     let state = sidbooth_api::AppState::new(pool.clone(), storage.clone(), api_config);
     let api = tokio::spawn({
@@ -86,17 +97,35 @@ pub async fn run(args: DevArgs) -> Result<()> {
     let api_url = format!("http://{api_addr}");
     eprintln!("sidbooth dev is running");
     eprintln!("  API:       {api_url}  (OpenAPI: {api_url}/openapi.yaml)");
-    eprintln!("  storage:   {} (bucket sidbooth, folder {})", s3.endpoint(), args.data_dir.join("s3").display());
+    eprintln!(
+        "  storage:   {} (bucket sidbooth, folder {})",
+        s3.endpoint(),
+        args.data_dir.join("s3").display()
+    );
     eprintln!("  database:  {}", database.origin);
     eprintln!(
         "  VLM:       {}",
-        if vlm_configured { "configured (SIDBOOTH_VLM_BASE_URL)" } else { "none (set SIDBOOTH_VLM_BASE_URL; describe jobs need manual descriptions until then)" }
+        if vlm_configured {
+            "configured (SIDBOOTH_VLM_BASE_URL)"
+        } else {
+            "none (set SIDBOOTH_VLM_BASE_URL; describe jobs need manual descriptions until then)"
+        }
     );
     eprintln!("  API key:   {}", key.secret);
-    eprintln!("  try:       curl -H 'Authorization: Bearer {}' {api_url}/v1/jobs", key.secret);
+    eprintln!(
+        "  try:       curl -H 'Authorization: Bearer {}' {api_url}/v1/jobs",
+        key.secret
+    );
 
     let outcome = if args.demo {
-        let demo = demo::run(&api_url, &key.secret, &args.demo_photos, vlm_configured, &args.data_dir).await;
+        let demo = demo::run(
+            &api_url,
+            &key.secret,
+            &args.demo_photos,
+            vlm_configured,
+            &args.data_dir,
+        )
+        .await;
         shutdown.cancel();
         demo
     } else {

@@ -3,6 +3,10 @@
 //! * `sidbooth dev [--demo]`: everything in one process on embedded defaults.
 //! * `sidbooth migrate`: apply the database migrations.
 //! * `sidbooth keys create --tenant NAME`: issue an API key (printed once).
+//! * `sidbooth train --model DIR --images DIR --class dog --captions FILE --output FILE`:
+//!   DreamBooth-LoRA fine-tuning on local photos (no service needed).
+//! * `sidbooth generate --model DIR [--lora FILE] --prompt TEXT --seed N`: sampling to PNGs with
+//!   the settings in their text chunks, optional initial latents and attention heatmaps.
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -10,10 +14,17 @@ use sidbooth_core::DatabaseArgs;
 
 mod demo;
 mod dev;
+mod generate;
+mod model;
 mod postgres;
+mod train;
 
 #[derive(Parser)]
-#[command(name = "sidbooth", version, about = "Subject personalization without background leakage")]
+#[command(
+    name = "sidbooth",
+    version,
+    about = "Subject personalization without background leakage"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -33,6 +44,10 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Fine-tune a model on a folder of photos (DreamBooth with LoRA) and write the LoRA file.
+    Train(Box<train::TrainArgs>),
+    /// Generate images from a model (optionally with a LoRA) into PNGs with their settings.
+    Generate(Box<generate::GenerateArgs>),
 }
 
 #[derive(Subcommand)]
@@ -58,7 +73,10 @@ fn init_tracing() {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,aws=warn,hyper=warn"));
-    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_target(false).try_init();
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false)
+        .try_init();
 }
 
 #[tokio::main]
@@ -67,6 +85,10 @@ async fn main() -> Result<()> {
     init_tracing();
     match cli.command {
         Command::Dev(args) => dev::run(args).await,
+        Command::Train(args) => train::run(*args).await,
+        Command::Generate(args) => {
+            tokio::task::spawn_blocking(move || generate::run(*args)).await?
+        }
         Command::Migrate { db } => {
             let pool = sidbooth_core::db::connect(&db).await?;
             sidbooth_core::db::migrate(&pool).await?;
@@ -78,7 +100,10 @@ async fn main() -> Result<()> {
                 let pool = sidbooth_core::db::connect(&db).await?;
                 sidbooth_core::db::migrate(&pool).await?;
                 let key = sidbooth_core::tenants::create_key(&pool, &tenant).await?;
-                eprintln!("key {} for tenant {tenant:?} (shown once; only its hash is stored):", key.key_id);
+                eprintln!(
+                    "key {} for tenant {tenant:?} (shown once; only its hash is stored):",
+                    key.key_id
+                );
                 println!("{}", key.secret);
                 Ok(())
             }

@@ -56,7 +56,10 @@ pub async fn find(data_dir: &Path) -> Result<DevDatabase> {
     }
     if let Some(bin) = server_binaries() {
         let cluster = PrivateCluster::start(&bin, &data_dir.join("postgres"))?;
-        let server = format!("postgres://{}@127.0.0.1:{PRIVATE_PORT}/postgres", cluster.user);
+        let server = format!(
+            "postgres://{}@127.0.0.1:{PRIVATE_PORT}/postgres",
+            cluster.user
+        );
         let url = ensure_database(&server, DEV_DATABASE).await?;
         return Ok(DevDatabase {
             url,
@@ -87,13 +90,17 @@ async fn ensure_database(server: &str, name: &str) -> Result<String> {
             .execute(&mut admin)
             .await?;
     }
-    Ok(format!("{}/{name}", server.rsplit_once('/').map_or(server, |(b, _)| b)))
+    Ok(format!(
+        "{}/{name}",
+        server.rsplit_once('/').map_or(server, |(b, _)| b)
+    ))
 }
 
 /// The folder holding initdb and pg_ctl: PATH first, then Debian's layout.
 fn server_binaries() -> Option<PathBuf> {
     let on_path = std::env::var_os("PATH").and_then(|paths| {
-        std::env::split_paths(&paths).find(|p| p.join("initdb").is_file() && p.join("pg_ctl").is_file())
+        std::env::split_paths(&paths)
+            .find(|p| p.join("initdb").is_file() && p.join("pg_ctl").is_file())
     });
     on_path.or_else(|| {
         let mut versions: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
@@ -164,14 +171,34 @@ impl PrivateCluster {
         if !dir.join("PG_VERSION").exists() {
             cluster.run(
                 "initdb",
-                &["-D", &dir.to_string_lossy(), "-U", &cluster.user, "--auth=trust", "-E", "UTF8"],
+                &[
+                    "-D",
+                    &dir.to_string_lossy(),
+                    "-U",
+                    &cluster.user,
+                    "--auth=trust",
+                    "-E",
+                    "UTF8",
+                ],
             )?;
         }
-        let opts = format!("-p {PRIVATE_PORT} -c listen_addresses=127.0.0.1 -k {}", dir.display());
+        let opts = format!(
+            "-p {PRIVATE_PORT} -c listen_addresses=127.0.0.1 -k {}",
+            dir.display()
+        );
         let log = dir.join("server.log");
         cluster.run(
             "pg_ctl",
-            &["-D", &dir.to_string_lossy(), "-o", &opts, "-l", &log.to_string_lossy(), "-w", "start"],
+            &[
+                "-D",
+                &dir.to_string_lossy(),
+                "-o",
+                &opts,
+                "-l",
+                &log.to_string_lossy(),
+                "-w",
+                "start",
+            ],
         )?;
         Ok(cluster)
     }
@@ -186,7 +213,10 @@ impl PrivateCluster {
             }
             None => Command::new(&exe),
         };
-        let out = cmd.args(args).output().with_context(|| format!("running {program}"))?;
+        let out = cmd
+            .args(args)
+            .output()
+            .with_context(|| format!("running {program}"))?;
         if !out.status.success() {
             bail!(
                 "{program} failed: {}",
@@ -197,6 +227,9 @@ impl PrivateCluster {
     }
 
     fn stop(&self) {
-        let _ = self.run("pg_ctl", &["-D", &self.dir.to_string_lossy(), "-m", "fast", "stop"]);
+        let _ = self.run(
+            "pg_ctl",
+            &["-D", &self.dir.to_string_lossy(), "-m", "fast", "stop"],
+        );
     }
 }

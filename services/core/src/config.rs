@@ -125,10 +125,7 @@ mod tests {
             redact_url("postgres://app:hunter2@db:5432/x"),
             "postgres://app:***@db:5432/x"
         );
-        assert_eq!(
-            redact_url("postgres://db:5432/x"),
-            "postgres://db:5432/x"
-        );
+        assert_eq!(redact_url("postgres://db:5432/x"), "postgres://db:5432/x");
         let args = DatabaseArgs {
             database_url: "postgres://a:secret@h/d".into(),
             db_max_connections: 1,

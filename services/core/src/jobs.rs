@@ -95,7 +95,9 @@ impl TryFrom<JobRow> for JobRecord {
             status: row
                 .status
                 .parse()
-                .map_err(|e: sidbooth_domain::ParseStatusError| CoreError::Corrupt(e.to_string()))?,
+                .map_err(|e: sidbooth_domain::ParseStatusError| {
+                    CoreError::Corrupt(e.to_string())
+                })?,
             stage: row.stage.as_deref().map(parse_stage).transpose()?,
             progress: row.progress,
             stages_done: row
@@ -272,7 +274,10 @@ impl JobStore {
         .fetch_optional(&self.pool)
         .await?;
         match row {
-            Some((id, hash)) => Ok(Some((self.get(tenant, id).await?, hash.unwrap_or_default()))),
+            Some((id, hash)) => Ok(Some((
+                self.get(tenant, id).await?,
+                hash.unwrap_or_default(),
+            ))),
             None => Ok(None),
         }
     }
@@ -305,9 +310,13 @@ impl JobStore {
             tx.rollback().await?;
             let key = job.idempotency_key.as_deref().unwrap_or_default();
             return match self.find_by_idempotency_key(job.tenant_id, key).await? {
-                Some((existing, hash)) if hash == job.request_hash => Ok(Created::Existing(existing)),
+                Some((existing, hash)) if hash == job.request_hash => {
+                    Ok(Created::Existing(existing))
+                }
                 Some(_) => Err(CoreError::IdempotencyMismatch),
-                None => Err(CoreError::Conflict("concurrent request with the same key".into())),
+                None => Err(CoreError::Conflict(
+                    "concurrent request with the same key".into(),
+                )),
             };
         };
 
@@ -345,6 +354,32 @@ impl JobStore {
         .fetch_optional(&self.pool)
         .await?;
         row.ok_or(CoreError::NotFound)?.try_into()
+    }
+
+    /// A job with the file names of its images, in one round trip (the API's most frequent read).
+    pub async fn get_with_image_names(
+        &self,
+        tenant: Uuid,
+        id: Uuid,
+    ) -> Result<(JobRecord, Vec<String>)> {
+        #[derive(sqlx::FromRow)]
+        struct Row {
+            #[sqlx(flatten)]
+            job: JobRow,
+            image_names: Vec<String>,
+        }
+        let row: Option<Row> = sqlx::query_as(&format!(
+            "SELECT {JOB_COLUMNS},
+                    ARRAY(SELECT file_name FROM job_images i WHERE i.job_id = jobs.id
+                          ORDER BY i.idx) AS image_names
+             FROM jobs WHERE id = $1 AND tenant_id = $2"
+        ))
+        .bind(id)
+        .bind(tenant)
+        .fetch_optional(&self.pool)
+        .await?;
+        let row = row.ok_or(CoreError::NotFound)?;
+        Ok((row.job.try_into()?, row.image_names))
     }
 
     /// Newest first. `before` is the cursor of the previous page.
@@ -424,11 +459,7 @@ impl JobStore {
     }
 
     /// Locks a tenant's job for a state change made by the API.
-    async fn lock(
-        tx: &mut Transaction<'_, Postgres>,
-        tenant: Uuid,
-        id: Uuid,
-    ) -> Result<JobRecord> {
+    async fn lock(tx: &mut Transaction<'_, Postgres>, tenant: Uuid, id: Uuid) -> Result<JobRecord> {
         let row: Option<JobRow> = sqlx::query_as(&format!(
             "SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1 AND tenant_id = $2 FOR UPDATE"
         ))
@@ -467,7 +498,9 @@ impl JobStore {
             .execute(&mut *tx)
             .await?;
             if done.rows_affected() != 1 {
-                return Err(CoreError::Conflict(format!("the job has no image with index {idx}")));
+                return Err(CoreError::Conflict(format!(
+                    "the job has no image with index {idx}"
+                )));
             }
         }
         events::record(
@@ -542,7 +575,11 @@ impl JobStore {
         .fetch_one(&mut *tx)
         .await?;
         let record = JobRecord::try_from(row)?;
-        let kind = if record.status == JobStatus::Canceled { "status" } else { "cancel_requested" };
+        let kind = if record.status == JobStatus::Canceled {
+            "status"
+        } else {
+            "cancel_requested"
+        };
         events::record(&mut *tx, id, kind, status_event(&record)).await?;
         tx.commit().await?;
         Ok(record)

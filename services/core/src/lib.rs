@@ -15,9 +15,9 @@ pub mod tenants;
 
 pub use config::{DatabaseArgs, QueueSettings, StorageArgs};
 pub use error::CoreError;
-pub use jobs::{Created, 
-    Artifact, Description, JobError, JobImage, JobRecord, JobStore, ListPage, NewDescription,
-    NewImage, NewJob,
+pub use jobs::{
+    Artifact, Created, Description, JobError, JobImage, JobRecord, JobStore, ListPage,
+    NewDescription, NewImage, NewJob,
 };
 pub use queue::{Claimed, Heartbeat, Lease, NewArtifact, Queue, RetryDecision};
 pub use storage::ArtifactStore;

@@ -119,7 +119,11 @@ impl Queue {
         .bind(self.settings.lease_secs)
         .fetch_optional(&mut *tx)
         .await?;
-        let Some(ClaimRow { job, lease_epoch: epoch }) = row else {
+        let Some(ClaimRow {
+            job,
+            lease_epoch: epoch,
+        }) = row
+        else {
             tx.rollback().await?;
             return Ok(None);
         };
@@ -243,6 +247,24 @@ impl Queue {
             "status",
         )
         .await
+    }
+
+    /// Marks `stage` finished and parks the job for review in one transaction, so that a worker
+    /// dying between the two cannot leave a finished stage that skips the review.
+    pub async fn complete_stage_for_review(
+        &self,
+        lease: &Lease,
+        stage: Stage,
+        next: Option<Stage>,
+    ) -> Result<JobRecord> {
+        let set = format!(
+            "stages_done = array_append(array_remove(stages_done, '{s}'), '{s}'),
+             stage = {next}, progress = 0, attempts = 0, status = 'awaiting_review',
+             lease_owner = NULL, lease_expires_at = NULL, error = COALESCE($3, error)",
+            s = stage.as_str(),
+            next = next.map_or("NULL".to_owned(), |n| format!("'{}'", n.as_str())),
+        );
+        self.transition(lease, &set, None, "status").await
     }
 
     pub async fn succeed(&self, lease: &Lease) -> Result<JobRecord> {
@@ -392,12 +414,11 @@ impl Queue {
 
     /// Whether the job is still running under this lease (a cheap check before long writes).
     pub async fn still_holds(&self, lease: &Lease) -> Result<bool> {
-        let holds: Option<i32> =
-            sqlx::query_scalar(&format!("SELECT 1 FROM jobs WHERE {FENCE}"))
-                .bind(lease.job_id)
-                .bind(lease.epoch)
-                .fetch_optional(&self.pool)
-                .await?;
+        let holds: Option<i32> = sqlx::query_scalar(&format!("SELECT 1 FROM jobs WHERE {FENCE}"))
+            .bind(lease.job_id)
+            .bind(lease.epoch)
+            .fetch_optional(&self.pool)
+            .await?;
         Ok(holds.is_some())
     }
 
@@ -408,7 +429,11 @@ impl Queue {
             .fetch_optional(&self.pool)
             .await?;
         status
-            .map(|s| s.parse().map_err(|e: sidbooth_domain::ParseStatusError| CoreError::Corrupt(e.to_string())))
+            .map(|s| {
+                s.parse().map_err(|e: sidbooth_domain::ParseStatusError| {
+                    CoreError::Corrupt(e.to_string())
+                })
+            })
             .transpose()
     }
 }

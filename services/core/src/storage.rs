@@ -199,7 +199,12 @@ impl ArtifactStore {
         for chunk in keys.chunks(1000) {
             let objects = chunk
                 .iter()
-                .map(|k| ObjectIdentifier::builder().key(k).build().map_err(storage_err))
+                .map(|k| {
+                    ObjectIdentifier::builder()
+                        .key(k)
+                        .build()
+                        .map_err(storage_err)
+                })
                 .collect::<Result<Vec<_>>>()?;
             let delete = Delete::builder()
                 .set_objects(Some(objects))

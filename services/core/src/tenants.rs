@@ -81,11 +81,10 @@ pub async fn authenticate(pool: &PgPool, secret: &str) -> Result<Option<Uuid>> {
 
 /// Revokes a key by id; returns whether a live key was revoked.
 pub async fn revoke_key(pool: &PgPool, key_id: Uuid) -> Result<bool> {
-    let done = sqlx::query(
-        "UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL",
-    )
-    .bind(key_id)
-    .execute(pool)
-    .await?;
+    let done =
+        sqlx::query("UPDATE api_keys SET revoked_at = now() WHERE id = $1 AND revoked_at IS NULL")
+            .bind(key_id)
+            .execute(pool)
+            .await?;
     Ok(done.rows_affected() == 1)
 }

@@ -71,10 +71,18 @@ async fn a_job_runs_through_its_stages_and_records_events() {
     assert_eq!(claimed.job.id, id);
     assert_eq!(claimed.job.status, JobStatus::Running);
     assert_eq!(claimed.job.next_stage(), Some(Stage::Describe));
-    assert!(queue.claim().await.unwrap().is_none(), "nothing else is claimable");
+    assert!(
+        queue.claim().await.unwrap().is_none(),
+        "nothing else is claimable"
+    );
 
     queue
-        .progress(&claimed.lease, Stage::Describe, 0.5, serde_json::json!({"image": 0}))
+        .progress(
+            &claimed.lease,
+            Stage::Describe,
+            0.5,
+            serde_json::json!({"image": 0}),
+        )
         .await
         .unwrap();
     let done = queue
@@ -94,7 +102,10 @@ async fn a_job_runs_through_its_stages_and_records_events() {
         .into_iter()
         .map(|e| e.kind)
         .collect();
-    assert_eq!(kinds, ["status", "status", "progress", "stage_completed", "status"]);
+    assert_eq!(
+        kinds,
+        ["status", "status", "progress", "stage_completed", "status"]
+    );
 }
 
 #[tokio::test]
@@ -113,11 +124,18 @@ async fn a_lapsed_lease_is_taken_over_and_the_old_worker_is_fenced_out() {
     let old = first.claim().await.unwrap().unwrap();
     assert!(second.claim().await.unwrap().is_none(), "lease still valid");
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let new = second.claim().await.unwrap().expect("lapsed lease is claimable");
+    let new = second
+        .claim()
+        .await
+        .unwrap()
+        .expect("lapsed lease is claimable");
     assert_eq!(new.job.id, id);
     assert!(new.lease.epoch > old.lease.epoch);
 
-    assert!(matches!(first.heartbeat(&old.lease).await, Err(CoreError::LeaseLost)));
+    assert!(matches!(
+        first.heartbeat(&old.lease).await,
+        Err(CoreError::LeaseLost)
+    ));
     let description = NewDescription {
         idx: 0,
         text: "a photo of sks dog".into(),
@@ -131,8 +149,14 @@ async fn a_lapsed_lease_is_taken_over_and_the_old_worker_is_fenced_out() {
         first.save_description(&old.lease, &description).await,
         Err(CoreError::LeaseLost)
     ));
-    assert!(matches!(first.succeed(&old.lease).await, Err(CoreError::LeaseLost)));
-    second.save_description(&new.lease, &description).await.unwrap();
+    assert!(matches!(
+        first.succeed(&old.lease).await,
+        Err(CoreError::LeaseLost)
+    ));
+    second
+        .save_description(&new.lease, &description)
+        .await
+        .unwrap();
     second.heartbeat(&new.lease).await.unwrap();
     assert_eq!(store.descriptions(id).await.unwrap().len(), 1);
 }
@@ -185,7 +209,10 @@ async fn transient_failures_back_off_then_fail_with_the_error_recorded() {
         let c = queue.claim().await.unwrap().expect("claimable");
         assert_eq!(c.job.attempts, attempt);
         let decision = queue.retry_later(&c.lease, &error).await.unwrap();
-        assert!(matches!(decision, RetryDecision::RetryAfter(_)), "{decision:?}");
+        assert!(
+            matches!(decision, RetryDecision::RetryAfter(_)),
+            "{decision:?}"
+        );
         let job = store.get(t, id).await.unwrap();
         assert_eq!(job.status, JobStatus::Queued);
         assert!(job.run_after > chrono::Utc::now() - chrono::Duration::milliseconds(10));
@@ -193,7 +220,10 @@ async fn transient_failures_back_off_then_fail_with_the_error_recorded() {
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
     let c = queue.claim().await.unwrap().expect("claimable");
-    assert_eq!(queue.retry_later(&c.lease, &error).await.unwrap(), RetryDecision::Failed);
+    assert_eq!(
+        queue.retry_later(&c.lease, &error).await.unwrap(),
+        RetryDecision::Failed
+    );
     let job = store.get(t, id).await.unwrap();
     assert_eq!(job.status, JobStatus::Failed);
     assert_eq!(job.error, Some(error));
@@ -209,13 +239,22 @@ async fn cancel_stops_queued_jobs_at_once_and_flags_running_ones() {
     let c = queue.claim().await.unwrap().unwrap();
     let queued = create(&store, new_job(t, 1, None, b"h")).await;
 
-    assert_eq!(store.cancel(t, queued).await.unwrap().status, JobStatus::Canceled);
-    assert!(matches!(store.cancel(t, queued).await, Err(CoreError::Conflict(_))));
+    assert_eq!(
+        store.cancel(t, queued).await.unwrap().status,
+        JobStatus::Canceled
+    );
+    assert!(matches!(
+        store.cancel(t, queued).await,
+        Err(CoreError::Conflict(_))
+    ));
 
     let flagged = store.cancel(t, running).await.unwrap();
     assert_eq!(flagged.status, JobStatus::Running);
     assert!(queue.heartbeat(&c.lease).await.unwrap().cancel_requested);
-    assert_eq!(queue.mark_canceled(&c.lease).await.unwrap().status, JobStatus::Canceled);
+    assert_eq!(
+        queue.mark_canceled(&c.lease).await.unwrap().status,
+        JobStatus::Canceled
+    );
     assert!(queue.claim().await.unwrap().is_none());
 }
 
@@ -225,7 +264,11 @@ async fn idempotency_keys_return_the_first_job_or_refuse_a_different_body() {
     let store = JobStore::new(db.pool.clone());
     let t = tenant(&db, "acme").await;
     let first = create(&store, new_job(t, 1, Some("k1"), b"same")).await;
-    match store.create(new_job(t, 1, Some("k1"), b"same")).await.unwrap() {
+    match store
+        .create(new_job(t, 1, Some("k1"), b"same"))
+        .await
+        .unwrap()
+    {
         Created::Existing(j) => assert_eq!(j.id, first),
         Created::New(_) => panic!("a second job for the same key"),
     }
@@ -252,22 +295,43 @@ async fn listing_is_newest_first_paginated_filtered_and_per_tenant() {
     let foreign = create(&store, new_job(other, 1, None, b"h")).await;
 
     let page1 = store.list(t, None, None, 2).await.unwrap();
-    assert_eq!(page1.jobs.iter().map(|j| j.id).collect::<Vec<_>>(), [ids[4], ids[3]]);
+    assert_eq!(
+        page1.jobs.iter().map(|j| j.id).collect::<Vec<_>>(),
+        [ids[4], ids[3]]
+    );
     let page2 = store.list(t, None, page1.next_cursor, 2).await.unwrap();
-    assert_eq!(page2.jobs.iter().map(|j| j.id).collect::<Vec<_>>(), [ids[2], ids[1]]);
+    assert_eq!(
+        page2.jobs.iter().map(|j| j.id).collect::<Vec<_>>(),
+        [ids[2], ids[1]]
+    );
     let page3 = store.list(t, None, page2.next_cursor, 2).await.unwrap();
-    assert_eq!(page3.jobs.iter().map(|j| j.id).collect::<Vec<_>>(), [ids[0]]);
+    assert_eq!(
+        page3.jobs.iter().map(|j| j.id).collect::<Vec<_>>(),
+        [ids[0]]
+    );
     assert_eq!(page3.next_cursor, None);
 
     let c = queue.claim().await.unwrap().unwrap();
     queue.succeed(&c.lease).await.unwrap();
-    let done = store.list(t, Some(JobStatus::Succeeded), None, 10).await.unwrap();
+    let done = store
+        .list(t, Some(JobStatus::Succeeded), None, 10)
+        .await
+        .unwrap();
     assert_eq!(done.jobs.len(), 1);
     assert_eq!(done.jobs[0].id, c.job.id);
 
-    assert!(matches!(store.get(t, foreign).await, Err(CoreError::NotFound)));
-    assert!(matches!(store.cancel(t, foreign).await, Err(CoreError::NotFound)));
-    assert!(matches!(store.delete(t, foreign).await, Err(CoreError::NotFound)));
+    assert!(matches!(
+        store.get(t, foreign).await,
+        Err(CoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.cancel(t, foreign).await,
+        Err(CoreError::NotFound)
+    ));
+    assert!(matches!(
+        store.delete(t, foreign).await,
+        Err(CoreError::NotFound)
+    ));
 }
 
 #[tokio::test]
@@ -303,11 +367,20 @@ async fn review_edit_and_approve() {
             .await
             .unwrap();
     }
-    queue.complete_stage(&c.lease, Stage::Describe, None).await.unwrap();
+    queue
+        .complete_stage(&c.lease, Stage::Describe, None)
+        .await
+        .unwrap();
     queue.await_review(&c.lease).await.unwrap();
-    assert_eq!(store.get(t, id).await.unwrap().status, JobStatus::AwaitingReview);
+    assert_eq!(
+        store.get(t, id).await.unwrap().status,
+        JobStatus::AwaitingReview
+    );
 
-    assert!(matches!(store.approve(t, id).await, Err(CoreError::Conflict(_))));
+    assert!(matches!(
+        store.approve(t, id).await,
+        Err(CoreError::Conflict(_))
+    ));
     let edited = store
         .edit_descriptions(t, id, &[(1, "a photo of sks dog on a red rug".into())])
         .await
@@ -321,5 +394,9 @@ async fn review_edit_and_approve() {
     assert_eq!(approved.status, JobStatus::Queued);
     let again = queue.claim().await.unwrap().unwrap();
     assert_eq!(again.job.id, id);
-    assert_eq!(again.job.next_stage(), None, "describe is not redone after approval");
+    assert_eq!(
+        again.job.next_stage(),
+        None,
+        "describe is not redone after approval"
+    );
 }

@@ -9,8 +9,8 @@ pub mod status;
 pub mod text;
 
 pub use spec::{
-    DescriptionCase, DescriptionSource, DescriptionsSpec, GenerateSettings, JobSpec, Mode, Stage,
-    SpecError, TrainMethod, TrainSettings, MAX_IMAGES,
+    DescriptionCase, DescriptionSource, DescriptionsSpec, GenerateSettings, JobSpec, Mode,
+    SpecError, Stage, TrainMethod, TrainSettings, MAX_IMAGES,
 };
 pub use status::{JobStatus, ParseStatusError};
 pub use text::{IdentifierToken, SubjectClass, TextError};

@@ -32,6 +32,14 @@ impl Mode {
         }
     }
 
+    /// The prompt of the class images that DreamBooth's prior-preservation loss trains on.
+    pub fn class_prompt(self, class: &SubjectClass) -> String {
+        match self {
+            Mode::Object => format!("a photo of {class}"),
+            Mode::Style => "a painting".to_owned(),
+        }
+    }
+
     /// The fixed start of every train description (the paper's baseline text).
     /// Object: "a photo of sks dog"; style: "a painting in the style of sks art".
     pub fn prefix(self, token: &IdentifierToken, class: &SubjectClass) -> String {
@@ -118,7 +126,12 @@ pub enum Stage {
 }
 
 impl Stage {
-    pub const ALL: [Stage; 4] = [Stage::Describe, Stage::Train, Stage::Generate, Stage::Evaluate];
+    pub const ALL: [Stage; 4] = [
+        Stage::Describe,
+        Stage::Train,
+        Stage::Generate,
+        Stage::Evaluate,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -136,7 +149,7 @@ impl Stage {
     /// The stages a worker of this build can run. A spec naming any other stage is refused at
     /// the door instead of being accepted and never finished.
     pub fn implemented(self) -> bool {
-        matches!(self, Stage::Describe)
+        matches!(self, Stage::Describe | Stage::Train | Stage::Generate)
     }
 }
 
@@ -182,6 +195,8 @@ pub struct TrainSettings {
     pub train_text_encoder: bool,
     /// DreamBooth's class-prior preservation loss.
     pub prior_preservation: bool,
+    /// Class images sampled from the base model for prior preservation.
+    pub num_class_images: u32,
 }
 
 impl Default for TrainSettings {
@@ -194,7 +209,69 @@ impl Default for TrainSettings {
             seed: 0,
             train_text_encoder: false,
             prior_preservation: false,
+            num_class_images: 100,
         }
+    }
+}
+
+fn check_range<T: PartialOrd + std::fmt::Display>(
+    field: &str,
+    value: T,
+    min: T,
+    max: T,
+) -> Result<(), SpecError> {
+    if value < min || value > max {
+        return Err(SpecError::Invalid(format!(
+            "{field} is {value}; it must be between {min} and {max}"
+        )));
+    }
+    Ok(())
+}
+
+impl TrainSettings {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        check_range("train.steps", self.steps, 1, 20_000)?;
+        check_range("train.rank", self.rank, 1, 256)?;
+        check_range("train.num_class_images", self.num_class_images, 1, 1000)?;
+        if !(self.learning_rate > 0.0 && self.learning_rate <= 1.0) {
+            return Err(SpecError::Invalid(format!(
+                "train.learning_rate is {}; it must be in (0, 1]",
+                self.learning_rate
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Longest accepted prompt, in characters (CLIP reads 77 tokens).
+pub const MAX_PROMPT_CHARS: usize = 500;
+/// Most prompts per job.
+pub const MAX_PROMPTS: usize = 50;
+
+impl GenerateSettings {
+    pub fn validate(&self) -> Result<(), SpecError> {
+        check_range(
+            "generate.prompts (count)",
+            self.prompts.len(),
+            0,
+            MAX_PROMPTS,
+        )?;
+        for prompt in self.prompts.iter().chain(&self.negative_prompt) {
+            if prompt.trim().is_empty() || prompt.chars().count() > MAX_PROMPT_CHARS {
+                return Err(SpecError::Invalid(format!(
+                    "every prompt must have 1 to {MAX_PROMPT_CHARS} characters"
+                )));
+            }
+        }
+        check_range("generate.images_per_prompt", self.images_per_prompt, 1, 64)?;
+        check_range("generate.steps", self.steps, 1, 1000)?;
+        if !(0.0..=50.0).contains(&self.guidance_scale) {
+            return Err(SpecError::Invalid(format!(
+                "generate.guidance_scale is {}; it must be between 0 and 50",
+                self.guidance_scale
+            )));
+        }
+        Ok(())
     }
 }
 
@@ -284,7 +361,9 @@ impl JobSpec {
     pub fn validate(&self, image_count: usize) -> Result<(), SpecError> {
         let stages = self.ordered_stages();
         if stages.is_empty() {
-            return Err(SpecError::Invalid("stages must name at least one stage".into()));
+            return Err(SpecError::Invalid(
+                "stages must name at least one stage".into(),
+            ));
         }
         if let Some(stage) = stages.iter().find(|stage| !stage.implemented()) {
             return Err(SpecError::StageNotImplemented(stage.as_str()));
@@ -303,12 +382,27 @@ impl JobSpec {
             }
         }
         if self.train.is_some() && !stages.contains(&Stage::Train) {
-            return Err(SpecError::Invalid("train settings given without the train stage".into()));
+            return Err(SpecError::Invalid(
+                "train settings given without the train stage".into(),
+            ));
         }
         if let Some(train) = &self.train {
             if !train.method.implemented() {
-                return Err(SpecError::MethodNotImplemented(train.method.as_str().into()));
+                return Err(SpecError::MethodNotImplemented(
+                    train.method.as_str().into(),
+                ));
             }
+            train.validate()?;
+        }
+        if let Some(generate) = &self.generate {
+            generate.validate()?;
+        }
+        if stages.contains(&Stage::Generate)
+            && self.generate.as_ref().is_none_or(|g| g.prompts.is_empty())
+        {
+            return Err(SpecError::Invalid(
+                "the generate stage needs generate.prompts (at least one prompt)".into(),
+            ));
         }
         if self.generate.is_some() && !stages.contains(&Stage::Generate) {
             return Err(SpecError::Invalid(
@@ -381,7 +475,42 @@ mod tests {
         let s = spec(serde_json::json!({"subject_class": "dog",
             "stages": ["describe", "evaluate"]}))
         .unwrap();
-        assert_eq!(s.validate(1), Err(SpecError::StageNotImplemented("evaluate")));
+        assert_eq!(
+            s.validate(1),
+            Err(SpecError::StageNotImplemented("evaluate"))
+        );
+    }
+
+    #[test]
+    fn train_and_generate_settings_are_checked() {
+        let ok = spec(serde_json::json!({"subject_class": "dog",
+            "stages": ["describe", "train", "generate"],
+            "generate": {"prompts": ["a sks dog on the beach"]}}))
+        .unwrap();
+        ok.validate(3).unwrap();
+        assert_eq!(ok.train, None, "defaults apply when train is absent");
+        let no_prompts = spec(serde_json::json!({"subject_class": "dog",
+            "stages": ["describe", "train", "generate"]}))
+        .unwrap();
+        assert!(matches!(no_prompts.validate(3), Err(SpecError::Invalid(_))));
+        let bad_steps = spec(serde_json::json!({"subject_class": "dog",
+            "stages": ["describe", "train"], "train": {"steps": 0}}))
+        .unwrap();
+        assert!(
+            matches!(bad_steps.validate(3), Err(SpecError::Invalid(m)) if m.contains("train.steps"))
+        );
+        let method = spec(serde_json::json!({"subject_class": "dog",
+            "stages": ["describe", "train"], "train": {"method": "svdiff"}}))
+        .unwrap();
+        assert_eq!(
+            method.validate(3),
+            Err(SpecError::MethodNotImplemented("svdiff".into()))
+        );
+        let guidance = spec(serde_json::json!({"subject_class": "dog",
+            "stages": ["describe", "train", "generate"],
+            "generate": {"prompts": ["x"], "guidance_scale": 99.0}}))
+        .unwrap();
+        assert!(matches!(guidance.validate(3), Err(SpecError::Invalid(_))));
     }
 
     #[test]

@@ -1,0 +1,80 @@
+//! What every handler shares: the job store, the artifact store, the configuration, the event
+//! fan-out and the shutdown signal.
+
+use std::sync::Arc;
+
+use sidbooth_core::{ArtifactStore, JobStore};
+use sqlx::PgPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::{auth::KeyCache, config::ApiConfig, events::EventHub, upload::UploadLimits};
+
+#[derive(Clone)]
+pub struct AppState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    pool: PgPool,
+    jobs: JobStore,
+    storage: ArtifactStore,
+    config: ApiConfig,
+    events: EventHub,
+    keys: KeyCache,
+    shutdown: CancellationToken,
+}
+
+impl AppState {
+    pub fn new(pool: PgPool, storage: ArtifactStore, config: ApiConfig) -> Self {
+        let shutdown = CancellationToken::new();
+        Self {
+            inner: Arc::new(Inner {
+                jobs: JobStore::new(pool.clone()),
+                events: EventHub::new(pool.clone(), shutdown.clone()),
+                keys: KeyCache::new(config.auth_cache()),
+                pool,
+                storage,
+                config,
+                shutdown,
+            }),
+        }
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.inner.pool
+    }
+
+    pub fn jobs(&self) -> &JobStore {
+        &self.inner.jobs
+    }
+
+    pub fn storage(&self) -> &ArtifactStore {
+        &self.inner.storage
+    }
+
+    pub fn config(&self) -> &ApiConfig {
+        &self.inner.config
+    }
+
+    pub fn upload_limits(&self) -> UploadLimits {
+        let config = &self.inner.config;
+        UploadLimits {
+            max_file_bytes: config.max_file_bytes,
+            max_request_bytes: config.max_request_bytes,
+            max_pixels: config.max_pixels(),
+        }
+    }
+
+    pub(crate) fn key_cache(&self) -> &KeyCache {
+        &self.inner.keys
+    }
+
+    pub(crate) fn events(&self) -> &EventHub {
+        &self.inner.events
+    }
+
+    /// Cancelled when the server starts draining: long-lived responses (SSE) end on it.
+    pub fn shutdown_token(&self) -> &CancellationToken {
+        &self.inner.shutdown
+    }
+}

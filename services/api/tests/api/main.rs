@@ -1,0 +1,9 @@
+//! The API over real HTTP, with a real Postgres database and a real S3 server per test.
+
+mod access;
+mod images;
+mod jobs;
+mod ops;
+mod stream;
+mod support;
+mod uploads;
