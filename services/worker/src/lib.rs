@@ -1,1 +1,24 @@
+//! The sidbooth worker: claims jobs from the Postgres queue, keeps their leases alive with
+//! heartbeats, runs their stages in order (resuming at the first unfinished one) and records the
+//! outcome: succeeded, awaiting review, retried later after a transient error, failed, canceled,
+//! or given back on shutdown.
+//!
+//! ```no_run
+//! # async fn demo(pool: sqlx::PgPool, store: sidbooth_core::ArtifactStore) -> anyhow::Result<()> {
+//! use sidbooth_worker::{Worker, WorkerConfig};
+//! let shutdown = tokio_util::sync::CancellationToken::new();
+//! let worker = Worker::new(pool, store, WorkerConfig::default())?;
+//! worker.run(shutdown).await?;
+//! # Ok(()) }
+//! ```
 
+pub mod artifacts;
+pub mod config;
+pub mod describe;
+pub mod error;
+pub mod metrics;
+pub mod worker;
+
+pub use config::{ShutdownMode, WorkerConfig};
+pub use error::StageError;
+pub use worker::{Context, StageOutcome, Worker, WorkerError};

@@ -1,0 +1,260 @@
+//! CLIP BPE tokenizer through the `tokenizers` crate, padded to 77 tokens as SD pipelines do.
+
+use std::path::Path;
+
+use tokenizers::Tokenizer;
+
+use crate::error::{Error, Result};
+
+const START: &str = "<|startoftext|>";
+const END: &str = "<|endoftext|>";
+
+/// CLIP tokenizer with SD's fixed-length padding.
+#[derive(Clone)]
+pub struct ClipTokenizer {
+    tok: Tokenizer,
+    pub max_length: usize,
+    pub bos_id: u32,
+    pub eos_id: u32,
+    pub pad_id: u32,
+}
+
+impl std::fmt::Debug for ClipTokenizer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClipTokenizer")
+            .field("max_length", &self.max_length)
+            .field("pad_id", &self.pad_id)
+            .finish()
+    }
+}
+
+fn tk_err(e: impl std::fmt::Display) -> Error {
+    Error::Tokenizer(e.to_string())
+}
+
+/// The `tokenizer.json` of CLIPTokenizerFast for a given vocab (JSON text) and merges (text).
+pub fn tokenizer_json(vocab_json: &str, merges_txt: &str) -> Result<String> {
+    let vocab: serde_json::Value = serde_json::from_str(vocab_json).map_err(tk_err)?;
+    let start_id = vocab
+        .get(START)
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| tk_err("vocab lacks <|startoftext|>"))?;
+    let end_id = vocab
+        .get(END)
+        .and_then(|v| v.as_u64())
+        .ok_or_else(|| tk_err("vocab lacks <|endoftext|>"))?;
+    let merges: Vec<String> = merges_txt
+        .lines()
+        .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
+        .map(|l| l.to_string())
+        .collect();
+    let j = serde_json::json!({
+        "version": "1.0",
+        "truncation": null,
+        "padding": null,
+        "added_tokens": [
+            {"id": start_id, "content": START, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
+            {"id": end_id, "content": END, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}
+        ],
+        "normalizer": {"type": "Sequence", "normalizers": [
+            {"type": "NFC"},
+            {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},
+            {"type": "Lowercase"}
+        ]},
+        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
+            {"type": "Split", "pattern": {"Regex": "<\\|startoftext\\|>|<\\|endoftext\\|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+"}, "behavior": "Removed", "invert": true},
+            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
+        ]},
+        "post_processor": {"type": "RobertaProcessing", "sep": [END, end_id], "cls": [START, start_id], "trim_offsets": false, "add_prefix_space": false},
+        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+        "model": {"type": "BPE", "dropout": null, "unk_token": END, "continuing_subword_prefix": "", "end_of_word_suffix": "</w>", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges}
+    });
+    Ok(j.to_string())
+}
+
+fn pad_token_from_dir(dir: &Path) -> Option<String> {
+    for f in ["special_tokens_map.json", "tokenizer_config.json"] {
+        let Ok(s) = std::fs::read_to_string(dir.join(f)) else {
+            continue;
+        };
+        let Ok(v) = serde_json::from_str::<serde_json::Value>(&s) else {
+            continue;
+        };
+        match v.get("pad_token") {
+            Some(serde_json::Value::String(s)) => return Some(s.clone()),
+            Some(o) => {
+                if let Some(c) = o.get("content").and_then(|c| c.as_str()) {
+                    return Some(c.to_string());
+                }
+            }
+            None => {}
+        }
+    }
+    None
+}
+
+impl ClipTokenizer {
+    /// Wraps a tokenizer; `pad_token` defaults to `<|endoftext|>` (SD 1.x); SD 2.x uses `!`.
+    pub fn new(tok: Tokenizer, pad_token: Option<&str>) -> Result<Self> {
+        let id = |t: &str| {
+            tok.token_to_id(t)
+                .ok_or_else(|| tk_err(format!("token {t} not in vocabulary")))
+        };
+        let bos_id = id(START)?;
+        let eos_id = id(END)?;
+        let pad_id = match pad_token {
+            Some(p) => id(p).or_else(|_| id(&format!("{p}</w>")))?,
+            None => eos_id,
+        };
+        Ok(Self {
+            tok,
+            max_length: 77,
+            bos_id,
+            eos_id,
+            pad_id,
+        })
+    }
+
+    /// `tokenizer/` of a model directory: `tokenizer.json`, else `vocab.json` + `merges.txt`; the
+    /// pad token from `special_tokens_map.json` / `tokenizer_config.json`.
+    pub fn from_dir(dir: impl AsRef<Path>) -> Result<Self> {
+        let dir = dir.as_ref();
+        let tj = dir.join("tokenizer.json");
+        let tok = if tj.exists() {
+            Tokenizer::from_file(&tj).map_err(tk_err)?
+        } else {
+            let vocab = std::fs::read_to_string(dir.join("vocab.json"))?;
+            let merges = std::fs::read_to_string(dir.join("merges.txt"))?;
+            tokenizer_json(&vocab, &merges)?
+                .parse::<Tokenizer>()
+                .map_err(tk_err)?
+        };
+        let pad = pad_token_from_dir(dir);
+        Self::new(tok, pad.as_deref())
+    }
+
+    pub fn from_vocab_merges(
+        vocab_json: &str,
+        merges_txt: &str,
+        pad_token: Option<&str>,
+    ) -> Result<Self> {
+        let tok = tokenizer_json(vocab_json, merges_txt)?
+            .parse::<Tokenizer>()
+            .map_err(tk_err)?;
+        Self::new(tok, pad_token)
+    }
+
+    /// Adds a whole-word token (e.g. a textual-inversion placeholder `<sks>`) and returns its id;
+    /// an existing token keeps its id. New ids follow the vocabulary (`vocab_size() - 1`).
+    pub fn add_token(&mut self, token: &str) -> Result<u32> {
+        if let Some(id) = self.tok.token_to_id(token) {
+            return Ok(id);
+        }
+        self.tok
+            .add_tokens(&[tokenizers::AddedToken::from(token.to_string(), false)]);
+        self.tok
+            .token_to_id(token)
+            .ok_or_else(|| tk_err(format!("could not add token {token}")))
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.tok.get_vocab_size(true)
+    }
+
+    /// Token ids without start/end tokens.
+    pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
+        let e = self.tok.encode(text, false).map_err(tk_err)?;
+        Ok(e.get_ids().to_vec())
+    }
+
+    /// `<|startoftext|> tokens… <|endoftext|> pad…`, exactly `max_length` ids (truncated as CLIPTokenizer).
+    pub fn encode(&self, prompt: &str) -> Result<Vec<u32>> {
+        let mut ids = self.tokenize(prompt)?;
+        ids.truncate(self.max_length - 2);
+        let mut out = Vec::with_capacity(self.max_length);
+        out.push(self.bos_id);
+        out.extend(ids);
+        out.push(self.eos_id);
+        out.resize(self.max_length, self.pad_id);
+        Ok(out)
+    }
+
+    /// Positions (in the padded sequence from [`encode`](Self::encode)) of every token of every
+    /// occurrence of `word` in `prompt`; a word split into several BPE tokens gives all of them.
+    pub fn token_positions(&self, prompt: &str, word: &str) -> Result<Vec<usize>> {
+        let ids = self.encode(prompt)?;
+        let w = self.tokenize(word)?;
+        if w.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pos = Vec::new();
+        let mut i = 1;
+        while i + w.len() <= ids.len() {
+            if ids[i..i + w.len()] == w[..] {
+                pos.extend(i..i + w.len());
+                i += w.len();
+            } else {
+                i += 1;
+            }
+        }
+        Ok(pos)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn reference_dir() -> std::path::PathBuf {
+        std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny-tokenizer")
+    }
+
+    #[test]
+    fn tiny_tokenizer_matches_full_vocab_prefix() {
+        let t = ClipTokenizer::from_dir(reference_dir()).unwrap();
+        let ids = t.encode("a photo of a cat").unwrap();
+        assert_eq!(ids.len(), 77);
+        // "a" "photo" "of" "a" "cat" are among the first merges of the CLIP vocabulary
+        assert_eq!(&ids[..7], &[t.bos_id, 320, 1125, 539, 320, 2368, t.eos_id]);
+        assert!(ids[7..].iter().all(|&i| i == t.pad_id));
+    }
+
+    #[test]
+    fn positions_of_identifier() {
+        let t = ClipTokenizer::from_dir(reference_dir()).unwrap();
+        let p = t.token_positions("a photo of sks dog", "sks").unwrap();
+        assert!(!p.is_empty());
+        assert_eq!(p[0], 4);
+        let ids = t.encode("a photo of sks dog").unwrap();
+        let w = t.tokenize("sks").unwrap();
+        assert_eq!(p.iter().map(|&i| ids[i]).collect::<Vec<_>>(), w);
+        assert!(t
+            .token_positions("a photo of a dog", "sks")
+            .unwrap()
+            .is_empty());
+    }
+
+    #[test]
+    fn added_token_is_one_id() {
+        let mut t = ClipTokenizer::from_dir(reference_dir()).unwrap();
+        let n = t.vocab_size();
+        let id = t.add_token("<sks>").unwrap();
+        assert_eq!(id as usize, n);
+        assert_eq!(t.add_token("<sks>").unwrap(), id);
+        let ids = t.encode("a photo of <sks> dog").unwrap();
+        assert_eq!(ids[4], id);
+        assert_eq!(
+            t.token_positions("a photo of <sks> dog", "<sks>").unwrap(),
+            vec![4]
+        );
+    }
+
+    #[test]
+    fn long_prompts_are_truncated_with_eos() {
+        let t = ClipTokenizer::from_dir(reference_dir()).unwrap();
+        let long = "cat ".repeat(200);
+        let ids = t.encode(&long).unwrap();
+        assert_eq!(ids.len(), 77);
+        assert_eq!(ids[76], t.eos_id);
+    }
+}

@@ -1,0 +1,539 @@
+//! The worker: claims jobs, keeps their leases alive, runs their stages in order and records
+//! how each ended.
+
+use std::{
+    future::Future,
+    sync::{Arc, OnceLock},
+    time::{Duration, Instant},
+};
+
+use sidbooth_core::{
+    ArtifactStore, Claimed, CoreError, JobRecord, JobStore, Lease, Queue, RetryDecision,
+};
+use sidbooth_describe::{VlmClient, VlmError};
+use sidbooth_domain::Stage;
+use sqlx::{postgres::PgListener, PgPool};
+use tokio::{sync::Semaphore, task::JoinSet};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use crate::{
+    artifacts,
+    config::{ShutdownMode, WorkerConfig},
+    describe,
+    error::StageError,
+};
+
+/// How a stage that did not fail ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StageOutcome {
+    /// Finished; the job moves on.
+    Done,
+    /// Finished, and the job waits for the user's review before it moves on.
+    AwaitReview,
+}
+
+/// Why a running stage was stopped from outside. The first reason wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopReason {
+    Canceled,
+    LeaseLost,
+    Shutdown,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("invalid VLM configuration: {0}")]
+    Vlm(#[from] VlmError),
+    #[error("invalid worker configuration: {0}")]
+    Config(String),
+}
+
+/// What the stages of a job share: the queue (every write to the job goes through it, fenced by
+/// the lease), the job store, artifact storage and the VLM client.
+pub struct Context {
+    pub queue: Queue,
+    pub jobs: JobStore,
+    pub store: ArtifactStore,
+    pub vlm: Option<VlmClient>,
+    pub config: WorkerConfig,
+}
+
+/// A worker. Build it with [`Worker::new`], then [`Worker::run`] it until the shutdown token
+/// fires.
+#[derive(Clone)]
+pub struct Worker {
+    ctx: Arc<Context>,
+}
+
+impl std::fmt::Debug for Worker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Worker")
+            .field("worker_id", &self.ctx.queue.worker_id())
+            .field("config", &self.ctx.config)
+            .finish()
+    }
+}
+
+impl Worker {
+    /// A worker on this database and storage. The VLM client is built from `config.vlm`; without
+    /// an endpoint, jobs that need a model fail with `vlm_not_configured`.
+    pub fn new(
+        pool: PgPool,
+        store: ArtifactStore,
+        config: WorkerConfig,
+    ) -> Result<Self, WorkerError> {
+        if config.concurrency == 0 {
+            return Err(WorkerError::Config("concurrency must be at least 1".into()));
+        }
+        let (heartbeat, lease) = (config.queue.heartbeat_secs, config.queue.lease_secs);
+        if heartbeat.is_nan() || heartbeat <= 0.0 || heartbeat >= lease {
+            return Err(WorkerError::Config(format!(
+                "the heartbeat interval ({} s) must be positive and shorter than the lease ({} s)",
+                heartbeat, lease
+            )));
+        }
+        if config.queue.poll_secs.is_nan() || config.queue.poll_secs <= 0.0 {
+            return Err(WorkerError::Config(
+                "the poll interval must be positive".into(),
+            ));
+        }
+        let vlm = config.vlm.config().map(VlmClient::new).transpose()?;
+        Ok(Self {
+            ctx: Arc::new(Context {
+                queue: Queue::new(pool.clone(), config.queue.clone()),
+                jobs: JobStore::new(pool),
+                store,
+                vlm,
+                config,
+            }),
+        })
+    }
+
+    /// Replaces the VLM client built from the configuration (e.g. one with other retry timings).
+    pub fn with_vlm(self, vlm: VlmClient) -> Self {
+        let ctx = &self.ctx;
+        Self {
+            ctx: Arc::new(Context {
+                queue: ctx.queue.clone(),
+                jobs: ctx.jobs.clone(),
+                store: ctx.store.clone(),
+                vlm: Some(vlm),
+                config: ctx.config.clone(),
+            }),
+        }
+    }
+
+    /// This worker's id, recorded as the lease owner of the jobs it holds.
+    pub fn id(&self) -> uuid::Uuid {
+        self.ctx.queue.worker_id()
+    }
+
+    pub fn config(&self) -> &WorkerConfig {
+        &self.ctx.config
+    }
+
+    /// Claims and runs jobs until `shutdown` fires, then stops claiming and lets the running
+    /// jobs finish their stage (or gives them back at once, per `config.shutdown_mode`).
+    /// Returns when no job is running any more.
+    pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        let ctx = self.ctx;
+        let slots = Arc::new(Semaphore::new(ctx.config.concurrency));
+        let mut running = JoinSet::new();
+        let mut listener: Option<PgListener> = None;
+        let poll = ctx.config.queue.poll();
+        tracing::info!(worker_id = %ctx.queue.worker_id(), concurrency = ctx.config.concurrency,
+            shutdown_mode = ?ctx.config.shutdown_mode, "worker started");
+
+        loop {
+            while let Some(done) = running.try_join_next() {
+                log_task_end(done);
+            }
+            let permit = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                permit = slots.clone().acquire_owned() => permit.expect("the semaphore is never closed"),
+            };
+            if listener.is_none() {
+                // Listen before claiming, so a job queued between an empty claim and the wait is
+                // not missed.
+                listener = match ctx.queue.listen().await {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot LISTEN for new jobs; polling");
+                        None
+                    }
+                };
+            }
+            match ctx.queue.claim().await {
+                Ok(Some(claimed)) => {
+                    metrics::counter!("sidbooth_jobs_claimed_total").increment(1);
+                    let ctx = ctx.clone();
+                    let shutdown = shutdown.clone();
+                    // Boxed: a job's future is deep, and the run loop's stays small.
+                    running.spawn(Box::pin(async move {
+                        run_job(&ctx, claimed, &shutdown).await;
+                        drop(permit);
+                    }));
+                }
+                Ok(None) => {
+                    drop(permit);
+                    wait_for_work(&mut listener, poll, &shutdown, &mut running).await;
+                }
+                Err(e) => {
+                    drop(permit);
+                    tracing::warn!(error = %e, "claiming failed; trying again");
+                    tokio::select! {
+                        _ = shutdown.cancelled() => {}
+                        _ = tokio::time::sleep(poll.min(Duration::from_secs(1))) => {}
+                    }
+                }
+            }
+        }
+
+        tracing::info!(running = running.len(), "shutting down: no new claims");
+        while let Some(done) = running.join_next().await {
+            log_task_end(done);
+        }
+        tracing::info!("worker stopped");
+        Ok(())
+    }
+}
+
+fn log_task_end(done: Result<(), tokio::task::JoinError>) {
+    if let Err(e) = done {
+        if e.is_panic() {
+            tracing::error!(error = %e, "a job task panicked; its lease will lapse and another worker resumes it");
+        }
+    }
+}
+
+/// Waits for a notification, the poll interval, the shutdown, or a job slot freeing up.
+async fn wait_for_work(
+    listener: &mut Option<PgListener>,
+    poll: Duration,
+    shutdown: &CancellationToken,
+    running: &mut JoinSet<()>,
+) {
+    let notified = async {
+        match listener.as_mut() {
+            Some(l) => {
+                if let Err(e) = l.recv().await {
+                    tracing::warn!(error = %e, "lost the LISTEN connection; reconnecting");
+                    return false;
+                }
+                true
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        ok = notified => if !ok { *listener = None },
+        _ = tokio::time::sleep(poll) => {}
+        Some(done) = running.join_next(), if !running.is_empty() => log_task_end(done),
+    }
+}
+
+/// Runs one claimed job until it finishes, waits for review, fails, is canceled, is given back
+/// or its lease is lost. The heartbeat runs inside this future, so aborting the task stops it
+/// too (and the lease then lapses).
+async fn run_job(ctx: &Context, claimed: Claimed, shutdown: &CancellationToken) {
+    let Claimed { lease, job } = claimed;
+    let span = tracing::info_span!("job", job_id = %lease.job_id, tenant_id = %lease.tenant_id, epoch = lease.epoch);
+    async {
+        tracing::info!(attempt = job.attempts, next_stage = ?job.next_stage(), "claimed");
+        let stop = CancellationToken::new();
+        let reason = OnceLock::new();
+        let guard = guard(ctx, &lease, &stop, &reason, shutdown);
+        tokio::select! {
+            _ = drive(ctx, lease, job, &stop, &reason, shutdown) => {}
+            never = guard => match never {},
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Renews the lease every heartbeat interval and trips `stop` on a cancel request, a lost
+/// lease, or (in release mode) shutdown. Never returns.
+async fn guard(
+    ctx: &Context,
+    lease: &Lease,
+    stop: &CancellationToken,
+    reason: &OnceLock<StopReason>,
+    shutdown: &CancellationToken,
+) -> std::convert::Infallible {
+    let trip = |why: StopReason| {
+        let _ = reason.set(why);
+        stop.cancel();
+    };
+    let release_on_shutdown = async {
+        if ctx.config.shutdown_mode == ShutdownMode::Release {
+            shutdown.cancelled().await;
+            tracing::info!("shutdown: stopping the stage to release the job");
+            trip(StopReason::Shutdown);
+        }
+        std::future::pending::<()>().await
+    };
+    let heartbeat = async {
+        let every = ctx.config.queue.heartbeat();
+        let mut last_renewed = Instant::now();
+        loop {
+            tokio::time::sleep(every).await;
+            match ctx.queue.heartbeat(lease).await {
+                Ok(beat) => {
+                    last_renewed = Instant::now();
+                    if beat.cancel_requested {
+                        tracing::info!("cancellation requested");
+                        trip(StopReason::Canceled);
+                        break;
+                    }
+                }
+                Err(CoreError::LeaseLost) => {
+                    tracing::warn!("lease lost to another worker");
+                    trip(StopReason::LeaseLost);
+                    break;
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "heartbeat failed");
+                    if last_renewed.elapsed() >= ctx.config.queue.lease() {
+                        tracing::warn!("lease expired without a heartbeat; stopping");
+                        trip(StopReason::LeaseLost);
+                        break;
+                    }
+                }
+            }
+        }
+        std::future::pending::<()>().await
+    };
+    tokio::join!(release_on_shutdown, heartbeat);
+    unreachable!("both futures are pending forever")
+}
+
+/// The stage after `stage` in the job's pipeline that has not finished yet.
+fn following(job: &JobRecord, stage: Stage) -> Option<Stage> {
+    job.spec
+        .ordered_stages()
+        .into_iter()
+        .find(|s| *s > stage && !job.stages_done.contains(s))
+}
+
+async fn drive(
+    ctx: &Context,
+    lease: Lease,
+    mut job: JobRecord,
+    stop: &CancellationToken,
+    reason: &OnceLock<StopReason>,
+    shutdown: &CancellationToken,
+) {
+    loop {
+        if job.cancel_requested {
+            let _ = reason.set(StopReason::Canceled);
+            return settle(
+                ctx,
+                &lease,
+                job.next_stage(),
+                StageError::Interrupted,
+                reason,
+            )
+            .await;
+        }
+        // After review: the artifacts reflect the approved (possibly edited) descriptions.
+        if job.spec.review && job.stages_done.contains(&Stage::Describe) {
+            let started = Instant::now();
+            let span = tracing::info_span!("stage", job_id = %lease.job_id, stage = "describe", step = "artifacts");
+            let written = guarded(
+                stop,
+                Box::pin(finalize_descriptions(ctx, &lease, &job).instrument(span)),
+            )
+            .await;
+            if let Err(e) = written {
+                record_duration(Stage::Describe, e.outcome(), started);
+                return settle(ctx, &lease, Some(Stage::Describe), e, reason).await;
+            }
+        }
+        let Some(stage) = job.next_stage() else {
+            match ctx.queue.succeed(&lease).await {
+                Ok(_) => {
+                    metrics::counter!("sidbooth_jobs_finished_total", "status" => "succeeded")
+                        .increment(1);
+                    tracing::info!("job succeeded");
+                }
+                Err(e) => settle(ctx, &lease, None, e.into(), reason).await,
+            }
+            return;
+        };
+
+        let started = Instant::now();
+        let span = tracing::info_span!("stage", job_id = %lease.job_id, stage = stage.as_str());
+        let result = guarded(
+            stop,
+            Box::pin(run_stage(ctx, &lease, &job, stage).instrument(span.clone())),
+        )
+        .await;
+        let outcome = match &result {
+            Ok(StageOutcome::Done) => "succeeded",
+            Ok(StageOutcome::AwaitReview) => "awaiting_review",
+            Err(e) => e.outcome(),
+        };
+        record_duration(stage, outcome, started);
+        let _enter = span.enter();
+        tracing::info!(
+            outcome,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "stage ended"
+        );
+        drop(_enter);
+
+        let next = following(&job, stage);
+        match result {
+            Ok(StageOutcome::Done) => match ctx.queue.complete_stage(&lease, stage, next).await {
+                Ok(record) => {
+                    job = record;
+                    if shutdown.is_cancelled() && job.next_stage().is_some() {
+                        tracing::info!("shutdown: stage finished, giving the job back");
+                        let _ = reason.set(StopReason::Shutdown);
+                        return settle(ctx, &lease, next, StageError::Interrupted, reason).await;
+                    }
+                }
+                Err(e) => return settle(ctx, &lease, Some(stage), e.into(), reason).await,
+            },
+            Ok(StageOutcome::AwaitReview) => {
+                match ctx
+                    .queue
+                    .complete_stage_for_review(&lease, stage, next)
+                    .await
+                {
+                    Ok(_) => {
+                        metrics::counter!("sidbooth_jobs_finished_total", "status" => "awaiting_review").increment(1);
+                        tracing::info!("awaiting review");
+                    }
+                    Err(e) => settle(ctx, &lease, Some(stage), e.into(), reason).await,
+                }
+                return;
+            }
+            Err(e) => return settle(ctx, &lease, Some(stage), e, reason).await,
+        }
+    }
+}
+
+/// Runs `work` unless `stop` fires first; then the work is dropped where it stands.
+async fn guarded<T>(
+    stop: &CancellationToken,
+    work: impl Future<Output = Result<T, StageError>>,
+) -> Result<T, StageError> {
+    tokio::select! {
+        biased;
+        _ = stop.cancelled() => Err(StageError::Interrupted),
+        r = work => r,
+    }
+}
+
+fn record_duration(stage: Stage, outcome: &'static str, started: Instant) {
+    metrics::histogram!("sidbooth_stage_duration_seconds", "stage" => stage.as_str(), "outcome" => outcome)
+        .record(started.elapsed().as_secs_f64());
+}
+
+async fn run_stage(
+    ctx: &Context,
+    lease: &Lease,
+    job: &JobRecord,
+    stage: Stage,
+) -> Result<StageOutcome, StageError> {
+    match stage {
+        Stage::Describe => describe::run(ctx, lease, job).await,
+        other => Err(StageError::permanent(
+            "stage_not_implemented",
+            format!("this worker cannot run the {} stage", other.as_str()),
+        )),
+    }
+}
+
+/// Writes the describe artifacts after approval unless they are there already.
+async fn finalize_descriptions(
+    ctx: &Context,
+    lease: &Lease,
+    job: &JobRecord,
+) -> Result<(), StageError> {
+    let existing = ctx.jobs.artifacts(job.id).await?;
+    let has = |name: &str| existing.iter().any(|a| a.name == name);
+    if has(artifacts::DESCRIPTIONS_JSON) && has(artifacts::CAPTIONS_ZIP) {
+        return Ok(());
+    }
+    artifacts::write_describe_artifacts(&ctx.queue, &ctx.jobs, &ctx.store, lease, job).await
+}
+
+/// Records how a job that stopped running ended.
+async fn settle(
+    ctx: &Context,
+    lease: &Lease,
+    stage: Option<Stage>,
+    error: StageError,
+    reason: &OnceLock<StopReason>,
+) {
+    let stopped_by = reason.get().copied();
+    // A cancel or a lost lease explains whatever the interrupted stage reported.
+    let error = match (stopped_by, error) {
+        (_, StageError::LeaseLost) => StageError::LeaseLost,
+        (Some(StopReason::Canceled | StopReason::LeaseLost), _) => StageError::Interrupted,
+        (_, e) => e,
+    };
+    let finished = |status: &'static str| {
+        metrics::counter!("sidbooth_jobs_finished_total", "status" => status).increment(1);
+    };
+    let result = match error {
+        StageError::LeaseLost => {
+            tracing::info!("lease lost; another worker owns the job now");
+            Ok(())
+        }
+        StageError::Interrupted => match stopped_by {
+            Some(StopReason::Canceled) => ctx.queue.mark_canceled(lease).await.map(|_| {
+                finished("canceled");
+                tracing::info!("job canceled");
+            }),
+            Some(StopReason::LeaseLost) => {
+                tracing::info!("stopped: the lease was lost");
+                Ok(())
+            }
+            Some(StopReason::Shutdown) | None => ctx.queue.release(lease).await.map(|_| {
+                tracing::info!("job released for another worker");
+            }),
+        },
+        StageError::Transient { .. } => {
+            let job_error = error
+                .job_error(stage)
+                .expect("transient errors are recorded");
+            match ctx.queue.retry_later(lease, &job_error).await {
+                Ok(RetryDecision::RetryAfter(delay)) => {
+                    tracing::warn!(code = %job_error.code, error = %job_error.message,
+                        retry_in_ms = delay.as_millis() as u64, "transient failure; retrying later");
+                    Ok(())
+                }
+                Ok(RetryDecision::Failed) => {
+                    finished("failed");
+                    tracing::error!(code = %job_error.code, error = %job_error.message,
+                        "transient failure and no attempts left; job failed");
+                    Ok(())
+                }
+                Err(e) => Err(e),
+            }
+        }
+        StageError::Permanent { .. } => {
+            let job_error = error
+                .job_error(stage)
+                .expect("permanent errors are recorded");
+            ctx.queue.fail(lease, &job_error).await.map(|_| {
+                finished("failed");
+                tracing::error!(code = %job_error.code, error = %job_error.message, "job failed");
+            })
+        }
+    };
+    match result {
+        Ok(()) => {}
+        Err(CoreError::LeaseLost) => tracing::info!("lease lost; another worker owns the job now"),
+        Err(e) => {
+            tracing::warn!(error = %e, "could not record how the job ended; its lease will lapse and it will be retried")
+        }
+    }
+}
