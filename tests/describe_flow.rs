@@ -26,7 +26,9 @@ async fn describe_review_edit_approve_download() {
     let id = job["id"].as_str().unwrap().to_owned();
     assert_eq!(job["status"], "queued");
 
-    stack.wait_for(&id, "awaiting_review", Duration::from_secs(60)).await;
+    stack
+        .wait_for(&id, "awaiting_review", Duration::from_secs(60))
+        .await;
 
     // The VLM saw every photo once, downsized, with the SID instruction and our key.
     let requests = stack.vlm.requests();
@@ -35,7 +37,11 @@ async fn describe_review_edit_approve_download() {
     for request in &requests {
         assert_eq!(request.model, "fake-gpt");
         assert_eq!(request.authorization(), Some("Bearer vlm-test-key"));
-        assert!(request.instruction.contains("a photo of sks dog"), "{}", request.instruction);
+        assert!(
+            request.instruction.contains("a photo of sks dog"),
+            "{}",
+            request.instruction
+        );
         assert_eq!(request.images.len(), 1);
         let (w, h) = request.images[0].dimensions.expect("a decodable image");
         assert!(w.max(h) <= 512, "sent downsized, got {w}x{h}");
@@ -57,7 +63,13 @@ async fn describe_review_edit_approve_download() {
     for (i, d) in list.iter().enumerate() {
         assert_eq!(d["index"], i);
         assert_eq!(d["case"], "sid");
-        assert!(d["text"].as_str().unwrap().starts_with("a photo of sks dog"), "{d}");
+        assert!(
+            d["text"]
+                .as_str()
+                .unwrap()
+                .starts_with("a photo of sks dog"),
+            "{d}"
+        );
         assert!(d["problem"].is_null(), "{d}");
     }
     let edited = "a photo of sks dog sitting in front of a bright orange wall with a green leaf at the right edge";
@@ -69,11 +81,25 @@ async fn describe_review_edit_approve_download() {
         .unwrap();
     assert_eq!(response.status(), 200, "{}", response.text().await.unwrap());
 
-    let response = stack.post(&format!("/v1/jobs/{id}/approve")).send().await.unwrap();
-    assert!(response.status().is_success(), "{}", response.text().await.unwrap());
-    let done = stack.wait_for(&id, "succeeded", Duration::from_secs(60)).await;
+    let response = stack
+        .post(&format!("/v1/jobs/{id}/approve"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response.status().is_success(),
+        "{}",
+        response.text().await.unwrap()
+    );
+    let done = stack
+        .wait_for(&id, "succeeded", Duration::from_secs(60))
+        .await;
     assert_eq!(done["stages_done"], serde_json::json!(["describe"]));
-    assert_eq!(stack.vlm.requests().len(), 5, "approval does not describe again");
+    assert_eq!(
+        stack.vlm.requests().len(),
+        5,
+        "approval does not describe again"
+    );
 
     // Artifacts, downloaded without credentials through their presigned URLs.
     let artifacts: serde_json::Value = stack
@@ -123,7 +149,10 @@ async fn describe_review_edit_approve_download() {
     for entry in entries {
         assert_eq!(entry["case"], "sid");
         assert_eq!(entry["model"], "fake-gpt");
-        assert!(!entry["instruction"].as_str().unwrap_or_default().is_empty(), "{entry}");
+        assert!(
+            !entry["instruction"].as_str().unwrap_or_default().is_empty(),
+            "{entry}"
+        );
         assert!(entry["file_name"].as_str().is_some(), "{entry}");
     }
 
@@ -138,14 +167,24 @@ async fn describe_review_edit_approve_download() {
     assert_eq!(texts.len(), 5, "{names:?}");
     for image in &images {
         let stem = image.trim_end_matches(".jpg");
-        assert!(texts.contains(&&format!("{stem}.txt")), "{image} has no caption in {names:?}");
+        assert!(
+            texts.contains(&&format!("{stem}.txt")),
+            "{image} has no caption in {names:?}"
+        );
     }
     let mut captions = Vec::new();
     for name in texts {
         let mut text = String::new();
-        archive.by_name(name).unwrap().read_to_string(&mut text).unwrap();
+        archive
+            .by_name(name)
+            .unwrap()
+            .read_to_string(&mut text)
+            .unwrap();
         assert!(text.starts_with("a photo of sks dog"), "{name}: {text}");
         captions.push(text.trim().to_owned());
     }
-    assert!(captions.iter().any(|c| c == edited), "the edit is in the captions");
+    assert!(
+        captions.iter().any(|c| c == edited),
+        "the edit is in the captions"
+    );
 }

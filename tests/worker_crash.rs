@@ -32,11 +32,20 @@ fn spawn_worker_process(stack: &Stack) -> Child {
         .env("PATH", std::env::var("PATH").unwrap_or_default())
         .env("RUST_LOG", "warn")
         .env("DATABASE_URL", &stack.db.url)
-        .env("SIDBOOTH_S3_ENDPOINT", storage.s3_endpoint.as_ref().unwrap())
+        .env(
+            "SIDBOOTH_S3_ENDPOINT",
+            storage.s3_endpoint.as_ref().unwrap(),
+        )
         .env("SIDBOOTH_S3_BUCKET", &storage.s3_bucket)
         .env("SIDBOOTH_S3_REGION", &storage.s3_region)
-        .env("AWS_ACCESS_KEY_ID", sidbooth_core::testing::TestStorage::ACCESS_KEY)
-        .env("AWS_SECRET_ACCESS_KEY", sidbooth_core::testing::TestStorage::SECRET_KEY)
+        .env(
+            "AWS_ACCESS_KEY_ID",
+            sidbooth_core::testing::TestStorage::ACCESS_KEY,
+        )
+        .env(
+            "AWS_SECRET_ACCESS_KEY",
+            sidbooth_core::testing::TestStorage::SECRET_KEY,
+        )
         .env("AWS_EC2_METADATA_DISABLED", "true")
         .env("SIDBOOTH_VLM_BASE_URL", stack.vlm.base_url())
         .env("SIDBOOTH_VLM_API_KEY", "vlm-test-key")
@@ -88,30 +97,45 @@ async fn a_killed_worker_is_taken_over_without_losing_or_repeating_work() {
         if let Some(status) = child.try_wait().unwrap() {
             panic!("worker exited early with {status}");
         }
-        assert!(started.elapsed() < Duration::from_secs(60), "the worker described nothing");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "the worker described nothing"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     child.kill().unwrap(); // SIGKILL: no chance to release the lease
     child.wait().unwrap();
     assert!(before_kill.len() < 5, "killed before the stage finished");
     let job = stack.job(&id.to_string()).await;
-    assert_eq!(job["status"], "running", "the dead worker still holds the lease: {job}");
+    assert_eq!(
+        job["status"], "running",
+        "the dead worker still holds the lease: {job}"
+    );
 
     // A second worker (in-process) takes over after the lease lapses.
     stack.vlm.set_base_delay(Duration::ZERO);
     let config = stack.worker_config();
     stack.start_worker(config);
-    let done = stack.wait_for(&id.to_string(), "succeeded", Duration::from_secs(60)).await;
+    let done = stack
+        .wait_for(&id.to_string(), "succeeded", Duration::from_secs(60))
+        .await;
     assert!(done["attempts"].as_i64().is_some());
 
     let after = saved_descriptions(&stack, id).await;
     assert_eq!(after.len(), 5, "one description per photo: {after:?}");
     for (idx, (text, stamp)) in &before_kill {
-        assert_eq!(&after[idx], &(text.clone(), stamp.clone()), "description {idx} was rewritten");
+        assert_eq!(
+            &after[idx],
+            &(text.clone(), stamp.clone()),
+            "description {idx} was rewritten"
+        );
     }
     // Each photo was described once, plus at most the one request in flight at the kill.
     let requests = stack.vlm.requests().len();
-    assert!((5..=6).contains(&requests), "{requests} VLM requests for 5 photos");
+    assert!(
+        (5..=6).contains(&requests),
+        "{requests} VLM requests for 5 photos"
+    );
 
     let response = stack
         .get(&format!("/v1/jobs/{id}/descriptions"))

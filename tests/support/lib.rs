@@ -26,7 +26,11 @@ pub fn dataset_photos(subject: &str, count: usize) -> Vec<(String, Vec<u8>)> {
         .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
         .collect();
     files.sort();
-    assert!(files.len() >= count, "{} has fewer than {count} photos", dir.display());
+    assert!(
+        files.len() >= count,
+        "{} has fewer than {count} photos",
+        dir.display()
+    );
     files
         .into_iter()
         .take(count)
@@ -113,8 +117,7 @@ impl Stack {
 
     /// Starts an in-process worker; returns its index for [`Stack::stop_worker`].
     pub fn start_worker(&mut self, config: WorkerConfig) -> usize {
-        let worker =
-            Worker::new(self.db.pool.clone(), self.storage.store.clone(), config).unwrap();
+        let worker = Worker::new(self.db.pool.clone(), self.storage.store.clone(), config).unwrap();
         let token = CancellationToken::new();
         let handle = tokio::spawn(worker.run(token.clone()));
         self.workers.push((token, handle));
@@ -138,7 +141,11 @@ impl Stack {
     }
 
     /// POST /v1/jobs with a spec and photos; returns the job JSON after asserting 202.
-    pub async fn submit(&self, spec: serde_json::Value, photos: &[(String, Vec<u8>)]) -> serde_json::Value {
+    pub async fn submit(
+        &self,
+        spec: serde_json::Value,
+        photos: &[(String, Vec<u8>)],
+    ) -> serde_json::Value {
         let mut form = reqwest::multipart::Form::new().part(
             "spec",
             reqwest::multipart::Part::text(spec.to_string())

@@ -68,6 +68,8 @@ pub async fn run(args: DevArgs) -> Result<()> {
         ArtifactStore::with_static_credentials(&storage_args, DEV_ACCESS_KEY, DEV_SECRET_KEY);
     storage.ensure_bucket().await?;
 
+    // One Prometheus recorder for the process: the API serves what the worker records.
+    sidbooth_api::metrics::install_recorder();
     let key = sidbooth_core::tenants::create_key(&pool, "dev").await?;
     let shutdown = CancellationToken::new();
 

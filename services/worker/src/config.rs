@@ -4,6 +4,8 @@
 use sidbooth_core::QueueSettings;
 use sidbooth_describe::VlmArgs;
 
+use crate::engine::EngineArgs;
+
 /// What a worker does with the jobs it holds when it is asked to shut down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum ShutdownMode {
@@ -25,6 +27,9 @@ pub struct WorkerConfig {
     /// `vlm_not_configured`.
     #[command(flatten)]
     pub vlm: VlmArgs,
+    /// The diffusion model for the train and generate stages.
+    #[command(flatten)]
+    pub engine: EngineArgs,
     /// Jobs this worker runs at once.
     #[arg(long, env = "SIDBOOTH_WORKER_CONCURRENCY", default_value_t = 1)]
     pub concurrency: usize,
@@ -38,6 +43,7 @@ impl Default for WorkerConfig {
         Self {
             queue: QueueSettings::default(),
             vlm: default_vlm_args(),
+            engine: EngineArgs::default(),
             concurrency: 1,
             shutdown_mode: ShutdownMode::FinishStage,
         }

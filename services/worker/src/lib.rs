@@ -15,8 +15,11 @@
 pub mod artifacts;
 pub mod config;
 pub mod describe;
+pub mod engine;
 pub mod error;
+pub mod generate;
 pub mod metrics;
+pub mod train;
 pub mod worker;
 
 pub use config::{ShutdownMode, WorkerConfig};

@@ -21,7 +21,9 @@ use crate::{
     artifacts,
     config::{ShutdownMode, WorkerConfig},
     describe,
+    engine::EngineHandle,
     error::StageError,
+    generate, train,
 };
 
 /// How a stage that did not fail ended.
@@ -56,6 +58,8 @@ pub struct Context {
     pub jobs: JobStore,
     pub store: ArtifactStore,
     pub vlm: Option<VlmClient>,
+    /// The diffusion engine, loaded on first use.
+    pub engine: Arc<EngineHandle>,
     pub config: WorkerConfig,
 }
 
@@ -105,6 +109,7 @@ impl Worker {
                 jobs: JobStore::new(pool),
                 store,
                 vlm,
+                engine: Arc::new(EngineHandle::new(config.engine.clone())),
                 config,
             }),
         })
@@ -119,6 +124,7 @@ impl Worker {
                 jobs: ctx.jobs.clone(),
                 store: ctx.store.clone(),
                 vlm: Some(vlm),
+                engine: ctx.engine.clone(),
                 config: ctx.config.clone(),
             }),
         }
@@ -443,6 +449,8 @@ async fn run_stage(
 ) -> Result<StageOutcome, StageError> {
     match stage {
         Stage::Describe => describe::run(ctx, lease, job).await,
+        Stage::Train => train::run(ctx, lease, job).await,
+        Stage::Generate => generate::run(ctx, lease, job).await,
         other => Err(StageError::permanent(
             "stage_not_implemented",
             format!("this worker cannot run the {} stage", other.as_str()),
