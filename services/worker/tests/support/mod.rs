@@ -88,6 +88,7 @@ impl Env {
         WorkerConfig {
             queue: queue_settings(),
             vlm: default_vlm_args(),
+            engine: Default::default(),
             concurrency: 2,
             shutdown_mode: mode,
         }
