@@ -111,7 +111,8 @@ fn matmul_last(x: &Tensor, w_t: &Tensor) -> Result<Tensor> {
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut y = matmul_last(x, &self.weight.t()?)?;
+        // A frozen weight gets no kernel gradient: the backward computes the input's only.
+        let mut y = crate::train::ops::frozen_linear(x, &self.weight)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -243,7 +244,9 @@ impl Module for Conv2d {
         {
             return self.forward_im2col(x);
         }
-        let y = x.conv2d(&self.weight, self.padding, self.stride, 1, 1)?;
+        // candle's conv backward always computes the kernel gradient (through a slow CPU
+        // conv_transpose); for a frozen kernel only the input gradient is needed.
+        let y = crate::train::ops::frozen_conv2d(x, &self.weight, self.padding, self.stride)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dims1()?, 1, 1))?),
             None => Ok(y),
