@@ -17,7 +17,7 @@ T_DIFF=${T_DIFF:-150}
 OURS_ARGS=${OURS_ARGS:-"--steps 50 --repeats 3 --train-steps 10 --train-warmup 3 --mem-steps 2 --budget 45"}
 DIFF_ARGS=${DIFF_ARGS:-"--steps 50 --repeats 3 --train-steps 10 --train-warmup 3 --mem-steps 2"}
 CONFIG=services/engine/fixtures/configs/sd21-base
-export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
 t_start=$(date +%s)
 
 echo "== machine"
@@ -55,7 +55,8 @@ for lib in libcudart.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 lib
   fi
 done
 for d in /usr/local/nvidia/lib64 /usr/local/nvidia/lib; do [ -d "$d" ] && libdirs="$libdirs:$d"; done
-export LD_LIBRARY_PATH="${libdirs#:}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+libdirs="${libdirs#:}"
+export LD_LIBRARY_PATH="$libdirs${LD_LIBRARY_PATH:+${libdirs:+:}$LD_LIBRARY_PATH}"
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 if [ -n "$BIN" ]; then
   ldd "$BIN" >"$OUT/ldd.txt" 2>&1
