@@ -23,16 +23,8 @@ const PRIVATE_PORT: u16 = 54329;
 pub struct DevDatabase {
     pub url: String,
     pub origin: String,
-    /// A cluster we started; stopped on drop.
-    private: Option<PrivateCluster>,
-}
-
-impl Drop for DevDatabase {
-    fn drop(&mut self) {
-        if let Some(cluster) = self.private.take() {
-            cluster.stop();
-        }
-    }
+    /// A cluster we started; it stops when this is dropped.
+    _cluster: Option<PrivateCluster>,
 }
 
 pub async fn find(data_dir: &Path) -> Result<DevDatabase> {
@@ -40,7 +32,7 @@ pub async fn find(data_dir: &Path) -> Result<DevDatabase> {
         return Ok(DevDatabase {
             url,
             origin: "DATABASE_URL".into(),
-            private: None,
+            _cluster: None,
         });
     }
     if answers(5432) {
@@ -50,12 +42,12 @@ pub async fn find(data_dir: &Path) -> Result<DevDatabase> {
             return Ok(DevDatabase {
                 url,
                 origin: format!("the server on localhost:5432 (database {DEV_DATABASE})"),
-                private: None,
+                _cluster: None,
             });
         }
     }
     if let Some(bin) = server_binaries() {
-        let cluster = PrivateCluster::start(&bin, &data_dir.join("postgres"))?;
+        let cluster = PrivateCluster::start(&bin, &data_dir.join("postgres"), PRIVATE_PORT)?;
         let server = format!(
             "postgres://{}@127.0.0.1:{PRIVATE_PORT}/postgres",
             cluster.user
@@ -64,7 +56,7 @@ pub async fn find(data_dir: &Path) -> Result<DevDatabase> {
         return Ok(DevDatabase {
             url,
             origin: format!("a private cluster in {}", cluster.dir.display()),
-            private: Some(cluster),
+            _cluster: Some(cluster),
         });
     }
     bail!(
@@ -113,6 +105,7 @@ fn server_binaries() -> Option<PathBuf> {
     })
 }
 
+/// A cluster started by us; stopped when dropped (also when a caller panics).
 struct PrivateCluster {
     bin: PathBuf,
     dir: PathBuf,
@@ -138,7 +131,7 @@ fn user_exists(name: &str) -> bool {
 }
 
 impl PrivateCluster {
-    fn start(bin: &Path, dir: &Path) -> Result<Self> {
+    fn start(bin: &Path, dir: &Path, port: u16) -> Result<Self> {
         let run_as = if is_root() {
             let user = ["postgres", "nobody"]
                 .into_iter()
@@ -183,11 +176,11 @@ impl PrivateCluster {
             )?;
         }
         let opts = format!(
-            "-p {PRIVATE_PORT} -c listen_addresses=127.0.0.1 -k {}",
+            "-p {port} -c listen_addresses=127.0.0.1 -k {}",
             dir.display()
         );
         let log = dir.join("server.log");
-        cluster.run(
+        let started = cluster.run(
             "pg_ctl",
             &[
                 "-D",
@@ -199,7 +192,13 @@ impl PrivateCluster {
                 "-w",
                 "start",
             ],
-        )?;
+        );
+        if let Err(e) = started {
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            let tail: Vec<&str> = text.lines().rev().take(5).collect::<Vec<_>>();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            bail!("{e}\nserver log {}:\n{}", log.display(), tail.join("\n"));
+        }
         Ok(cluster)
     }
 
@@ -227,9 +226,54 @@ impl PrivateCluster {
     }
 
     fn stop(&self) {
+        // pg_ctl refuses to stop a stopped server; nothing to do then.
         let _ = self.run(
             "pg_ctl",
             &["-D", &self.dir.to_string_lossy(), "-m", "fast", "stop"],
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The third way `sidbooth dev` finds a database: a cluster of its own, initialised and
+    /// started in the data folder (as root through an unprivileged user), then stopped.
+    #[tokio::test]
+    async fn a_private_cluster_is_initialised_started_and_stopped() {
+        let bin = server_binaries().expect("the PostgreSQL server binaries (initdb, pg_ctl)");
+        let data = tempfile::tempdir().unwrap();
+        // The cluster's user must be able to reach its folder.
+        std::fs::set_permissions(data.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let cluster = PrivateCluster::start(&bin, &data.path().join("postgres"), port).unwrap();
+        let server = format!("postgres://{}@127.0.0.1:{port}/postgres", cluster.user);
+        let url = ensure_database(&server, DEV_DATABASE).await.unwrap_or_else(|e| {
+            let log = std::fs::read_to_string(data.path().join("postgres/server.log")).unwrap_or_default();
+            panic!("{e}; server log:\n{log}")
+        });
+        let mut conn = PgConnection::connect(&url).await.unwrap();
+        let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&mut conn).await.unwrap();
+        assert_eq!(one, 1);
+        drop(conn);
+        // Idempotent: a second start on the initialised folder finds it running or starts it.
+        drop(cluster);
+        assert!(!answers(port), "the cluster stopped");
+        let again = PrivateCluster::start(&bin, &data.path().join("postgres"), port).unwrap();
+        assert!(answers(port), "restarted on the existing folder");
+        drop(again);
+        assert!(!answers(port), "stopped again");
+    }
+}
+
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        self.stop();
     }
 }
