@@ -1,7 +1,6 @@
 //! `sidbooth generate`: sample images from a base model, optionally with a trained LoRA, with
 //! the settings written into each PNG.
 
-use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -84,25 +83,10 @@ fn slug(prompt: &str) -> String {
     }
 }
 
-/// Writes `img` as an 8-bit RGB PNG with `text` as tEXt chunks (iTXt for text that is not
-/// Latin-1).
+/// Writes `img` as a PNG with `text` in its text chunks.
 pub fn save_png_with_text(img: &RgbImage, text: &[(&str, String)], path: &Path) -> Result<()> {
-    let file =
-        std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
-    let mut enc = png::Encoder::new(BufWriter::new(file), img.width(), img.height());
-    enc.set_color(png::ColorType::Rgb);
-    enc.set_depth(png::BitDepth::Eight);
-    for (k, v) in text {
-        if v.chars().all(|c| (c as u32) < 256) {
-            enc.add_text_chunk(k.to_string(), v.clone())?;
-        } else {
-            enc.add_itxt_chunk(k.to_string(), v.clone())?;
-        }
-    }
-    let mut w = enc.write_header()?;
-    w.write_image_data(img.as_raw())?;
-    w.finish()?;
-    Ok(())
+    let bytes = sidbooth_engine::png_text::encode(img, text)?;
+    std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
 }
 
 /// Whether a safetensors file holds kohya-layout LoRA keys (`lora_unet_…`, `lora_te_…`).

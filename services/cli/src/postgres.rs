@@ -245,8 +245,11 @@ mod tests {
         let bin = server_binaries().expect("the PostgreSQL server binaries (initdb, pg_ctl)");
         let data = tempfile::tempdir().unwrap();
         // The cluster's user must be able to reach its folder.
-        std::fs::set_permissions(data.path(), std::os::unix::fs::PermissionsExt::from_mode(0o755))
-            .unwrap();
+        std::fs::set_permissions(
+            data.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -254,12 +257,18 @@ mod tests {
             .port();
         let cluster = PrivateCluster::start(&bin, &data.path().join("postgres"), port).unwrap();
         let server = format!("postgres://{}@127.0.0.1:{port}/postgres", cluster.user);
-        let url = ensure_database(&server, DEV_DATABASE).await.unwrap_or_else(|e| {
-            let log = std::fs::read_to_string(data.path().join("postgres/server.log")).unwrap_or_default();
-            panic!("{e}; server log:\n{log}")
-        });
+        let url = ensure_database(&server, DEV_DATABASE)
+            .await
+            .unwrap_or_else(|e| {
+                let log = std::fs::read_to_string(data.path().join("postgres/server.log"))
+                    .unwrap_or_default();
+                panic!("{e}; server log:\n{log}")
+            });
         let mut conn = PgConnection::connect(&url).await.unwrap();
-        let one: i32 = sqlx::query_scalar("SELECT 1").fetch_one(&mut conn).await.unwrap();
+        let one: i32 = sqlx::query_scalar("SELECT 1")
+            .fetch_one(&mut conn)
+            .await
+            .unwrap();
         assert_eq!(one, 1);
         drop(conn);
         // Idempotent: a second start on the initialised folder finds it running or starts it.

@@ -60,6 +60,7 @@ pub mod error;
 pub mod lora;
 pub mod nn;
 pub mod pipeline;
+pub mod png_text;
 pub mod scheduler;
 pub mod tiny;
 pub mod tokenizer;

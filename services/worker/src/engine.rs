@@ -86,7 +86,9 @@ impl EngineArgs {
                 };
                 Ok((device, dtype))
             }
-            other => Err(bad(format!("unknown device {other:?}; use cpu or cuda[:N]"))),
+            other => Err(bad(format!(
+                "unknown device {other:?}; use cpu or cuda[:N]"
+            ))),
         }
     }
 }
@@ -128,7 +130,9 @@ fn load(args: &EngineArgs) -> Result<StableDiffusion, StageError> {
     let (device, dtype) = args.device()?;
     let engine_err = |e: sidbooth_engine::Error| StageError::permanent("model_load", e.to_string());
     match (&args.tiny_model, &args.model_dir) {
-        (Some(seed), _) => Ok(TinyModel::build_on(*seed, &device, dtype).map_err(engine_err)?.sd),
+        (Some(seed), _) => Ok(TinyModel::build_on(*seed, &device, dtype)
+            .map_err(engine_err)?
+            .sd),
         (None, Some(dir)) => {
             let options = LoadOptions {
                 device,

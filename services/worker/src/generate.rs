@@ -7,13 +7,14 @@
 //! on equal noise. Each image is stored as soon as it exists; a resumed stage skips the images
 //! already stored.
 
-use std::{io::Cursor, sync::Arc};
+use std::sync::Arc;
 
 use sidbooth_core::{JobRecord, Lease};
 use sidbooth_domain::{GenerateSettings, Stage};
 use sidbooth_engine::{
     attention::overlay_heatmap,
     pipeline::{GenerateRequest, StableDiffusion},
+    png_text,
 };
 use tokio::sync::mpsc;
 
@@ -40,25 +41,6 @@ pub fn heatmap_name(prompt: usize, k: usize) -> String {
     format!("attention/{prompt:02}-{k:02}.png")
 }
 
-/// PNG bytes of `image` with `text` as tEXt chunks (keyword, value).
-pub fn png_with_text(image: &image::RgbImage, text: &[(&str, String)]) -> Result<Vec<u8>, StageError> {
-    let mut out = Vec::new();
-    {
-        let mut encoder = png::Encoder::new(Cursor::new(&mut out), image.width(), image.height());
-        encoder.set_color(png::ColorType::Rgb);
-        encoder.set_depth(png::BitDepth::Eight);
-        for (key, value) in text {
-            encoder
-                .add_text_chunk((*key).to_owned(), value.clone())
-                .map_err(engine_error)?;
-        }
-        let mut writer = encoder.write_header().map_err(engine_error)?;
-        writer.write_image_data(image.as_raw()).map_err(engine_error)?;
-        writer.finish().map_err(engine_error)?;
-    }
-    Ok(out)
-}
-
 /// One sampled image and, when asked, its attention overlay.
 struct Sample {
     image: image::RgbImage,
@@ -75,9 +57,10 @@ fn sample(
         let _ = progress.send(step);
     };
     let out = model.generate(request, Some(&mut on_step), Some(cancel))?;
-    let image = out.images.into_iter().next().ok_or_else(|| {
-        sidbooth_engine::Error::Invalid("the pipeline returned no image".into())
-    })?;
+    let image =
+        out.images.into_iter().next().ok_or_else(|| {
+            sidbooth_engine::Error::Invalid("the pipeline returned no image".into())
+        })?;
     let heatmap = match &out.attention_maps {
         Some(maps) => Some(overlay_heatmap(&image, &maps.get(0)?, HEATMAP_ALPHA)?),
         None => None,
@@ -86,7 +69,11 @@ fn sample(
 }
 
 #[tracing::instrument(skip_all, fields(job_id = %job.id))]
-pub async fn run(ctx: &Context, lease: &Lease, job: &JobRecord) -> Result<StageOutcome, StageError> {
+pub async fn run(
+    ctx: &Context,
+    lease: &Lease,
+    job: &JobRecord,
+) -> Result<StageOutcome, StageError> {
     let settings: GenerateSettings = job.spec.generate.clone().unwrap_or_default();
     let artifacts = ctx.jobs.artifacts(job.id).await?;
     let stored = |name: &str| artifacts.iter().any(|a| a.name == name);
@@ -96,11 +83,15 @@ pub async fn run(ctx: &Context, lease: &Lease, job: &JobRecord) -> Result<StageO
     let lora = artifacts
         .iter()
         .find(|a| a.name == LORA_SAFETENSORS)
-        .ok_or_else(|| StageError::permanent("weights_missing", "the trained LoRA weights are missing"))?;
+        .ok_or_else(|| {
+            StageError::permanent("weights_missing", "the trained LoRA weights are missing")
+        })?;
     let lora_bytes = ctx.store.get(&lora.object_key).await?;
-    let workdir = tempfile::tempdir().map_err(|e| StageError::transient("workdir", e.to_string()))?;
+    let workdir =
+        tempfile::tempdir().map_err(|e| StageError::transient("workdir", e.to_string()))?;
     let lora_path = workdir.path().join(LORA_SAFETENSORS);
-    std::fs::write(&lora_path, &lora_bytes).map_err(|e| StageError::transient("workdir", e.to_string()))?;
+    std::fs::write(&lora_path, &lora_bytes)
+        .map_err(|e| StageError::transient("workdir", e.to_string()))?;
     let model = tokio::task::spawn_blocking(move || {
         let mut model = fork(&base);
         model.load_lora(&lora_path, 1.0).map(|_| model)
@@ -141,7 +132,8 @@ pub async fn run(ctx: &Context, lease: &Lease, job: &JobRecord) -> Result<StageO
             let (m, flag) = (model.clone(), cancel.flag());
             let work = tokio::task::spawn_blocking(move || sample(&m, &request, &tx, &flag));
             while let Some(step) = rx.recv().await {
-                let progress = (done as f32 + step as f32 / steps.max(1) as f32) / total.max(1) as f32;
+                let progress =
+                    (done as f32 + step as f32 / steps.max(1) as f32) / total.max(1) as f32;
                 if step == steps || step % 10 == 0 {
                     ctx.queue
                         .progress(
@@ -153,14 +145,20 @@ pub async fn run(ctx: &Context, lease: &Lease, job: &JobRecord) -> Result<StageO
                         .await?;
                 }
             }
-            let sampled = match work.await.map_err(|e| StageError::transient("engine_panic", e.to_string()))? {
+            let sampled = match work
+                .await
+                .map_err(|e| StageError::transient("engine_panic", e.to_string()))?
+            {
                 Ok(s) => s,
                 Err(sidbooth_engine::Error::Canceled) => return Err(StageError::Interrupted),
                 Err(e) => return Err(engine_error(e)),
             };
             let text = [
                 ("prompt", prompt.clone()),
-                ("negative_prompt", settings.negative_prompt.clone().unwrap_or_default()),
+                (
+                    "negative_prompt",
+                    settings.negative_prompt.clone().unwrap_or_default(),
+                ),
                 ("seed", seed.to_string()),
                 ("steps", steps.to_string()),
                 ("guidance_scale", settings.guidance_scale.to_string()),
@@ -172,11 +170,29 @@ pub async fn run(ctx: &Context, lease: &Lease, job: &JobRecord) -> Result<StageO
             if let Some(heatmap) = &sampled.heatmap {
                 let mut text = text.to_vec();
                 text.push(("attention_token", token.clone()));
-                let bytes = png_with_text(heatmap, &text)?;
-                store_artifact(&ctx.queue, &ctx.store, lease, None, &heatmap_name(p, k), "image/png", bytes).await?;
+                let bytes = png_text::encode(heatmap, &text).map_err(engine_error)?;
+                store_artifact(
+                    &ctx.queue,
+                    &ctx.store,
+                    lease,
+                    None,
+                    &heatmap_name(p, k),
+                    "image/png",
+                    bytes,
+                )
+                .await?;
             }
-            let bytes = png_with_text(&sampled.image, &text)?;
-            store_artifact(&ctx.queue, &ctx.store, lease, None, &name, "image/png", bytes).await?;
+            let bytes = png_text::encode(&sampled.image, &text).map_err(engine_error)?;
+            store_artifact(
+                &ctx.queue,
+                &ctx.store,
+                lease,
+                None,
+                &name,
+                "image/png",
+                bytes,
+            )
+            .await?;
             done += 1;
         }
     }

@@ -54,11 +54,19 @@ fn latest_key(lease: &Lease) -> String {
 }
 
 fn checkpoint_key(lease: &Lease, dir_name: &str, file: &str) -> String {
-    keys::work(lease.tenant_id, lease.job_id, &format!("train/{dir_name}/{file}"))
+    keys::work(
+        lease.tenant_id,
+        lease.job_id,
+        &format!("train/{dir_name}/{file}"),
+    )
 }
 
 /// Downloads the checkpoint the `latest` pointer names into `root`, if there is one.
-async fn restore_checkpoint(ctx: &Context, lease: &Lease, root: &Path) -> Result<Option<String>, StageError> {
+async fn restore_checkpoint(
+    ctx: &Context,
+    lease: &Lease,
+    root: &Path,
+) -> Result<Option<String>, StageError> {
     let name = match ctx.store.get(&latest_key(lease)).await {
         Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_owned(),
         Err(CoreError::NotFound) => return Ok(None),
@@ -68,7 +76,8 @@ async fn restore_checkpoint(ctx: &Context, lease: &Lease, root: &Path) -> Result
     std::fs::create_dir_all(&dir).map_err(|e| StageError::transient("workdir", e.to_string()))?;
     for file in CHECKPOINT_FILES {
         let bytes = ctx.store.get(&checkpoint_key(lease, &name, file)).await?;
-        std::fs::write(dir.join(file), &bytes).map_err(|e| StageError::transient("workdir", e.to_string()))?;
+        std::fs::write(dir.join(file), &bytes)
+            .map_err(|e| StageError::transient("workdir", e.to_string()))?;
     }
     Ok(Some(name))
 }
@@ -80,22 +89,36 @@ async fn upload_checkpoint(ctx: &Context, lease: &Lease, dir: &Path) -> Result<(
         .map(|n| n.to_string_lossy().into_owned())
         .ok_or_else(|| engine_error("checkpoint directory without a name"))?;
     for file in CHECKPOINT_FILES {
-        let bytes = std::fs::read(dir.join(file)).map_err(|e| StageError::transient("workdir", e.to_string()))?;
+        let bytes = std::fs::read(dir.join(file))
+            .map_err(|e| StageError::transient("workdir", e.to_string()))?;
         ctx.store
-            .put(&checkpoint_key(lease, &name, file), Bytes::from(bytes), "application/octet-stream")
+            .put(
+                &checkpoint_key(lease, &name, file),
+                Bytes::from(bytes),
+                "application/octet-stream",
+            )
             .await?;
     }
-    ctx.store.put(&latest_key(lease), Bytes::from(name), "text/plain").await?;
+    ctx.store
+        .put(&latest_key(lease), Bytes::from(name), "text/plain")
+        .await?;
     Ok(())
 }
 
 #[tracing::instrument(skip_all, fields(job_id = %job.id))]
-pub async fn run(ctx: &Context, lease: &Lease, job: &JobRecord) -> Result<StageOutcome, StageError> {
+pub async fn run(
+    ctx: &Context,
+    lease: &Lease,
+    job: &JobRecord,
+) -> Result<StageOutcome, StageError> {
     let settings = job.spec.train.clone().unwrap_or_default();
     if settings.method != TrainMethod::Lora {
         return Err(StageError::permanent(
             "method_not_available",
-            format!("training method {} is not available", settings.method.as_str()),
+            format!(
+                "training method {} is not available",
+                settings.method.as_str()
+            ),
         ));
     }
     let engine = ctx.engine.base().await?;
@@ -112,15 +135,17 @@ pub async fn run(ctx: &Context, lease: &Lease, job: &JobRecord) -> Result<StageO
     let mut photos = Vec::with_capacity(images.len());
     for (image, description) in images.iter().zip(&descriptions) {
         let bytes = read_photo(&ctx.store, image).await?;
-        let decoded = image::load_from_memory(&bytes)
-            .map_err(|e| StageError::permanent("input_unreadable", format!("{}: {e}", image.file_name)))?;
+        let decoded = image::load_from_memory(&bytes).map_err(|e| {
+            StageError::permanent("input_unreadable", format!("{}: {e}", image.file_name))
+        })?;
         photos.push(CaptionedPhoto {
             source: PhotoSource::Image(decoded.to_rgb8()),
             caption: description.text.clone(),
         });
     }
 
-    let workdir = tempfile::tempdir().map_err(|e| StageError::transient("workdir", e.to_string()))?;
+    let workdir =
+        tempfile::tempdir().map_err(|e| StageError::transient("workdir", e.to_string()))?;
     let checkpoints = workdir.path().join("checkpoints");
     let resumed_from = restore_checkpoint(ctx, lease, &checkpoints).await?;
     if let Some(name) = &resumed_from {
@@ -222,13 +247,21 @@ pub async fn run(ctx: &Context, lease: &Lease, job: &JobRecord) -> Result<StageO
         .map_err(engine_error)?;
     drop(cancel);
     let (steps, last_loss) = match outcome {
-        TrainOutcome::Completed { steps, last_loss, .. } => (steps, last_loss),
+        TrainOutcome::Completed {
+            steps, last_loss, ..
+        } => (steps, last_loss),
         TrainOutcome::Canceled { .. } => return Err(StageError::Interrupted),
     };
 
-    let weights = std::fs::read(&output).map_err(|e| StageError::transient("workdir", e.to_string()))?;
+    let weights =
+        std::fs::read(&output).map_err(|e| StageError::transient("workdir", e.to_string()))?;
     let previous = ctx.jobs.artifacts(job.id).await?;
-    let previous_key = |name: &str| previous.iter().find(|a| a.name == name).map(|a| a.object_key.clone());
+    let previous_key = |name: &str| {
+        previous
+            .iter()
+            .find(|a| a.name == name)
+            .map(|a| a.object_key.clone())
+    };
     store_artifact(
         &ctx.queue,
         &ctx.store,

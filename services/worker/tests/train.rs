@@ -44,8 +44,12 @@ async fn a_worker_killed_mid_training_resumes_from_the_last_checkpoint() {
     .await;
     first.task.abort();
     let _ = first.task.await;
-    let checkpoint = String::from_utf8(env.storage.store.get(&latest).await.unwrap().to_vec()).unwrap();
-    let resumed_at: u64 = checkpoint.trim_start_matches("checkpoint-").parse().unwrap();
+    let checkpoint =
+        String::from_utf8(env.storage.store.get(&latest).await.unwrap().to_vec()).unwrap();
+    let resumed_at: u64 = checkpoint
+        .trim_start_matches("checkpoint-")
+        .parse()
+        .unwrap();
     assert!(resumed_at < 60, "killed before the end: {checkpoint}");
 
     let second = spawn(env.worker_with(config, env.vlm_config()));
@@ -65,12 +69,20 @@ async fn a_worker_killed_mid_training_resumes_from_the_last_checkpoint() {
         .find(|e| e.id > takeover && e.kind == "progress" && e.data["stage"] == "train")
         .map(|e| e.data["step"].as_u64().unwrap())
         .expect("training progress after the takeover");
-    assert_eq!(first_step_after, resumed_at + 1, "resumed from {checkpoint}");
+    assert_eq!(
+        first_step_after,
+        resumed_at + 1,
+        "resumed from {checkpoint}"
+    );
 
     let artifacts = env.jobs.artifacts(id).await.unwrap();
-    let training = artifacts.iter().find(|a| a.name == "training.json").unwrap();
+    let training = artifacts
+        .iter()
+        .find(|a| a.name == "training.json")
+        .unwrap();
     let summary: serde_json::Value =
-        serde_json::from_slice(&env.storage.store.get(&training.object_key).await.unwrap()).unwrap();
+        serde_json::from_slice(&env.storage.store.get(&training.object_key).await.unwrap())
+            .unwrap();
     assert_eq!(summary["resumed_from"], checkpoint.as_str());
     assert_eq!(summary["steps"], 60);
     assert!(artifacts.iter().any(|a| a.name == "lora.safetensors"));
@@ -85,5 +97,9 @@ async fn training_without_a_model_fails_with_a_clear_error() {
     worker.stop().await;
     let error = job.error.expect("an error");
     assert_eq!(error.code, "model_not_configured");
-    assert!(error.message.contains("SIDBOOTH_MODEL_DIR"), "{}", error.message);
+    assert!(
+        error.message.contains("SIDBOOTH_MODEL_DIR"),
+        "{}",
+        error.message
+    );
 }
