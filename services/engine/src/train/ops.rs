@@ -31,8 +31,26 @@ fn storage_of_cuda(y: &Tensor) -> Result<(CudaStorage, Shape)> {
     }
 }
 
+/// The forward result, handed to candle once and then dropped: the op stays in the graph until
+/// the backward pass, and keeping `y` there too would hold every layer's output twice.
+struct Output(std::sync::Mutex<Option<Tensor>>);
+
+impl Output {
+    fn new(y: Tensor) -> Self {
+        Self(std::sync::Mutex::new(Some(y)))
+    }
+
+    fn take(&self) -> Result<Tensor> {
+        self.0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("frozen op: poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("frozen op: forward ran twice".into()))
+    }
+}
+
 struct FrozenConv2d {
-    y: Tensor,
+    y: Output,
     /// `[in, out, k, k]`: the kernel flipped spatially with in/out swapped.
     w_flipped: Tensor,
     kernel: usize,
@@ -46,10 +64,10 @@ impl CustomOp1 for FrozenConv2d {
         "frozen-conv2d"
     }
     fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
-        storage_of_cpu(&self.y)
+        storage_of_cpu(&self.y.take()?)
     }
     fn cuda_fwd(&self, _s: &CudaStorage, _l: &Layout) -> Result<(CudaStorage, Shape)> {
-        storage_of_cuda(&self.y)
+        storage_of_cuda(&self.y.take()?)
     }
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         let g = if self.stride == 1 {
@@ -105,7 +123,7 @@ pub fn frozen_conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> R
     let w_flipped = w.detach().flip(&[2, 3])?.transpose(0, 1)?.contiguous()?;
     let (_, _, h, wd) = x.dims4()?;
     x.apply_op1(FrozenConv2d {
-        y,
+        y: Output::new(y),
         w_flipped,
         kernel: kh,
         padding,
@@ -115,7 +133,7 @@ pub fn frozen_conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> R
 }
 
 struct FrozenLinear {
-    y: Tensor,
+    y: Output,
     /// `[out, in]`.
     w: Tensor,
 }
@@ -125,10 +143,10 @@ impl CustomOp1 for FrozenLinear {
         "frozen-linear"
     }
     fn cpu_fwd(&self, _s: &CpuStorage, _l: &Layout) -> Result<(CpuStorage, Shape)> {
-        storage_of_cpu(&self.y)
+        storage_of_cpu(&self.y.take()?)
     }
     fn cuda_fwd(&self, _s: &CudaStorage, _l: &Layout) -> Result<(CudaStorage, Shape)> {
-        storage_of_cuda(&self.y)
+        storage_of_cuda(&self.y.take()?)
     }
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         // grad [..., out] · W [out, in]
@@ -160,7 +178,7 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         .matmul(&w.detach().t()?)?
         .reshape(out_shape)?
         .contiguous()?;
-    x.apply_op1(FrozenLinear { y, w: w.detach() })
+    x.apply_op1(FrozenLinear { y: Output::new(y), w: w.detach() })
 }
 
 #[cfg(test)]
