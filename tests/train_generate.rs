@@ -36,17 +36,21 @@ async fn describe_train_generate_with_the_tiny_model() {
         )
         .await;
     let id = job["id"].as_str().unwrap().to_owned();
-    let done = stack.wait_for(&id, "succeeded", Duration::from_secs(120)).await;
-    assert_eq!(done["stages_done"], serde_json::json!(["describe", "train", "generate"]));
+    let done = stack
+        .wait_for(&id, "succeeded", Duration::from_secs(120))
+        .await;
+    assert_eq!(
+        done["stages_done"],
+        serde_json::json!(["describe", "train", "generate"])
+    );
 
     // Progress events carried the training steps and losses.
-    let events: Vec<(String, serde_json::Value)> = sqlx::query_as(
-        "SELECT kind, data FROM job_events WHERE job_id = $1::uuid ORDER BY id",
-    )
-    .bind(&id)
-    .fetch_all(&stack.db.pool)
-    .await
-    .unwrap();
+    let events: Vec<(String, serde_json::Value)> =
+        sqlx::query_as("SELECT kind, data FROM job_events WHERE job_id = $1::uuid ORDER BY id")
+            .bind(&id)
+            .fetch_all(&stack.db.pool)
+            .await
+            .unwrap();
     let train_steps: Vec<i64> = events
         .iter()
         .filter(|(kind, data)| kind == "progress" && data["stage"] == "train")
@@ -66,7 +70,10 @@ async fn describe_train_generate_with_the_tiny_model() {
         .await
         .unwrap();
     let artifacts = artifacts["artifacts"].as_array().unwrap().clone();
-    let names: Vec<&str> = artifacts.iter().map(|a| a["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = artifacts
+        .iter()
+        .map(|a| a["name"].as_str().unwrap())
+        .collect();
     for expected in [
         "captions.zip",
         "descriptions.json",
@@ -79,13 +86,23 @@ async fn describe_train_generate_with_the_tiny_model() {
         "attention/00-00.png",
         "attention/00-01.png",
     ] {
-        assert!(names.contains(&expected), "{expected} missing from {names:?}");
+        assert!(
+            names.contains(&expected),
+            "{expected} missing from {names:?}"
+        );
     }
-    assert!(!names.contains(&"attention/01-00.png"), "no [v] in the second prompt: {names:?}");
+    assert!(
+        !names.contains(&"attention/01-00.png"),
+        "no [v] in the second prompt: {names:?}"
+    );
 
     let http = reqwest::Client::new();
     let download = |name: &str| {
-        let artifact = artifacts.iter().find(|a| a["name"] == name).unwrap().clone();
+        let artifact = artifacts
+            .iter()
+            .find(|a| a["name"] == name)
+            .unwrap()
+            .clone();
         let http = http.clone();
         async move {
             http.get(artifact["url"].as_str().unwrap())
@@ -107,7 +124,11 @@ async fn describe_train_generate_with_the_tiny_model() {
     let metadata = &header["__metadata__"];
     assert!(metadata.to_string().contains("sks"), "{metadata}");
     assert!(
-        header.as_object().unwrap().keys().any(|k| k.starts_with("unet.") && k.ends_with("lora_A.weight")),
+        header
+            .as_object()
+            .unwrap()
+            .keys()
+            .any(|k| k.starts_with("unet.") && k.ends_with("lora_A.weight")),
         "{header}"
     );
 
@@ -131,8 +152,14 @@ async fn describe_train_generate_with_the_tiny_model() {
             .iter()
             .map(|t| (t.keyword.clone(), t.text.clone()))
             .collect();
-        assert!(text.contains(&("prompt".into(), prompt.into())), "{name}: {text:?}");
-        assert!(text.contains(&("seed".into(), seed.into())), "{name}: {text:?}");
+        assert!(
+            text.contains(&("prompt".into(), prompt.into())),
+            "{name}: {text:?}"
+        );
+        assert!(
+            text.contains(&("seed".into(), seed.into())),
+            "{name}: {text:?}"
+        );
         image::load_from_memory(&bytes).unwrap();
     }
 }
