@@ -33,7 +33,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the API, a worker, an embedded S3 server and (if needed) Postgres in one process.
-    Dev(dev::DevArgs),
+    Dev(Box<dev::DevArgs>),
     /// Apply the database migrations.
     Migrate {
         #[command(flatten)]
@@ -84,7 +84,7 @@ async fn main() -> Result<()> {
     let cli = Cli::parse();
     init_tracing();
     match cli.command {
-        Command::Dev(args) => dev::run(args).await,
+        Command::Dev(args) => dev::run(*args).await,
         Command::Train(args) => train::run(*args).await,
         Command::Generate(args) => {
             tokio::task::spawn_blocking(move || generate::run(*args)).await?

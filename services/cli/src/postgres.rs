@@ -234,6 +234,12 @@ impl PrivateCluster {
     }
 }
 
+impl Drop for PrivateCluster {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,11 +284,5 @@ mod tests {
         assert!(answers(port), "restarted on the existing folder");
         drop(again);
         assert!(!answers(port), "stopped again");
-    }
-}
-
-impl Drop for PrivateCluster {
-    fn drop(&mut self) {
-        self.stop();
     }
 }

@@ -233,7 +233,7 @@ impl TrainSettings {
         check_range("train.steps", self.steps, 1, 20_000)?;
         check_range("train.rank", self.rank, 1, 256)?;
         check_range("train.num_class_images", self.num_class_images, 1, 1000)?;
-        if !(self.learning_rate > 0.0 && self.learning_rate <= 1.0) {
+        if self.learning_rate.is_nan() || self.learning_rate <= 0.0 || self.learning_rate > 1.0 {
             return Err(SpecError::Invalid(format!(
                 "train.learning_rate is {}; it must be in (0, 1]",
                 self.learning_rate

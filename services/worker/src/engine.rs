@@ -167,9 +167,15 @@ pub fn fork(base: &StableDiffusion) -> StableDiffusion {
 /// the engine thread at its next step.
 pub struct CancelOnDrop(pub Arc<AtomicBool>);
 
+impl Default for CancelOnDrop {
+    fn default() -> Self {
+        Self(Arc::new(AtomicBool::new(false)))
+    }
+}
+
 impl CancelOnDrop {
     pub fn new() -> Self {
-        Self(Arc::new(AtomicBool::new(false)))
+        Self::default()
     }
 
     pub fn flag(&self) -> Arc<AtomicBool> {

@@ -178,7 +178,10 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
         .matmul(&w.detach().t()?)?
         .reshape(out_shape)?
         .contiguous()?;
-    x.apply_op1(FrozenLinear { y: Output::new(y), w: w.detach() })
+    x.apply_op1(FrozenLinear {
+        y: Output::new(y),
+        w: w.detach(),
+    })
 }
 
 #[cfg(test)]
