@@ -12,7 +12,7 @@
 use std::time::Duration;
 
 use serde::Serialize;
-use sidbooth_domain::{JobStatus, Stage};
+use sidbooth_domain::Stage;
 use sqlx::{postgres::PgListener, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
@@ -400,41 +400,6 @@ impl Queue {
             return Err(CoreError::LeaseLost);
         }
         Ok(())
-    }
-
-    /// The job as it stands (for a worker that holds it).
-    pub async fn job(&self, lease: &Lease) -> Result<JobRecord> {
-        let row: Option<JobRow> =
-            sqlx::query_as(&format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"))
-                .bind(lease.job_id)
-                .fetch_optional(&self.pool)
-                .await?;
-        row.ok_or(CoreError::NotFound)?.try_into()
-    }
-
-    /// Whether the job is still running under this lease (a cheap check before long writes).
-    pub async fn still_holds(&self, lease: &Lease) -> Result<bool> {
-        let holds: Option<i32> = sqlx::query_scalar(&format!("SELECT 1 FROM jobs WHERE {FENCE}"))
-            .bind(lease.job_id)
-            .bind(lease.epoch)
-            .fetch_optional(&self.pool)
-            .await?;
-        Ok(holds.is_some())
-    }
-
-    /// Statuses a job may have been moved to by someone else while a worker held it.
-    pub async fn status(&self, job_id: Uuid) -> Result<Option<JobStatus>> {
-        let status: Option<String> = sqlx::query_scalar("SELECT status FROM jobs WHERE id = $1")
-            .bind(job_id)
-            .fetch_optional(&self.pool)
-            .await?;
-        status
-            .map(|s| {
-                s.parse().map_err(|e: sidbooth_domain::ParseStatusError| {
-                    CoreError::Corrupt(e.to_string())
-                })
-            })
-            .transpose()
     }
 }
 

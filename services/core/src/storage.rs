@@ -144,22 +144,6 @@ impl ArtifactStore {
         Ok(body.into_bytes())
     }
 
-    /// Whether an object exists.
-    pub async fn exists(&self, key: &str) -> Result<bool> {
-        match self
-            .client
-            .head_object()
-            .bucket(&self.bucket)
-            .key(key)
-            .send()
-            .await
-        {
-            Ok(_) => Ok(true),
-            Err(e) if e.as_service_error().is_some_and(|s| s.is_not_found()) => Ok(false),
-            Err(e) => Err(sdk_err(e)),
-        }
-    }
-
     /// Keys under a prefix.
     pub async fn list(&self, prefix: &str) -> Result<Vec<String>> {
         let mut keys = Vec::new();

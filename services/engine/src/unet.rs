@@ -152,24 +152,15 @@ impl Attention {
         let ctx = context.unwrap_or(x);
         let (b, n, _) = x.dims3()?;
         let m = ctx.dim(1)?;
-        let q = self
-            .to_q
-            .forward(x)?
-            .reshape((b, n, self.heads, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let k = self
-            .to_k
-            .forward(ctx)?
-            .reshape((b, m, self.heads, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
-        let v = self
-            .to_v
-            .forward(ctx)?
-            .reshape((b, m, self.heads, self.head_dim))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        // [b, len, heads * head_dim] -> [b, heads, len, head_dim]
+        let heads = |t: Tensor, len: usize| -> Result<Tensor> {
+            t.reshape((b, len, self.heads, self.head_dim))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = heads(self.to_q.forward(x)?, n)?;
+        let k = heads(self.to_k.forward(ctx)?, m)?;
+        let v = heads(self.to_v.forward(ctx)?, m)?;
         let scale = (self.head_dim as f64).powf(-0.5);
         let dt = q.dtype();
         let (q, k) = if self.upcast {
