@@ -77,6 +77,13 @@ pub async fn run(
     let settings: GenerateSettings = job.spec.generate.clone().unwrap_or_default();
     let artifacts = ctx.jobs.artifacts(job.id).await?;
     let stored = |name: &str| artifacts.iter().any(|a| a.name == name);
+    // An object a resumed stage replaces (a heatmap stored before its image was).
+    let previous_key = |name: &str| {
+        artifacts
+            .iter()
+            .find(|a| a.name == name)
+            .map(|a| a.object_key.clone())
+    };
 
     // The base model with the job's LoRA attached.
     let base = ctx.engine.base().await?;
@@ -171,12 +178,13 @@ pub async fn run(
                 let mut text = text.to_vec();
                 text.push(("attention_token", token.clone()));
                 let bytes = png_text::encode(heatmap, &text).map_err(engine_error)?;
+                let heatmap = heatmap_name(p, k);
                 store_artifact(
                     &ctx.queue,
                     &ctx.store,
                     lease,
-                    None,
-                    &heatmap_name(p, k),
+                    previous_key(&heatmap).as_deref(),
+                    &heatmap,
                     "image/png",
                     bytes,
                 )
