@@ -4,10 +4,13 @@
 //! This crate does no I/O. Anything that reaches a database, storage, a model or the network
 //! lives elsewhere and takes these types as already-validated input.
 
+pub mod prompts;
+pub mod report;
 pub mod spec;
 pub mod status;
 pub mod text;
 
+pub use prompts::{dreambooth_prompts, SubjectKind};
 pub use spec::{
     DescriptionCase, DescriptionSource, DescriptionsSpec, GenerateSettings, JobSpec, Mode,
     SpecError, Stage, TrainMethod, TrainSettings, MAX_IMAGES,

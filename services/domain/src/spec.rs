@@ -7,6 +7,7 @@
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use crate::prompts::{dreambooth_prompts, SubjectKind};
 use crate::text::{IdentifierToken, SubjectClass};
 
 /// The paper trains on 1-7 reference photos; more is refused rather than silently truncated.
@@ -149,7 +150,10 @@ impl Stage {
     /// The stages a worker of this build can run. A spec naming any other stage is refused at
     /// the door instead of being accepted and never finished.
     pub fn implemented(self) -> bool {
-        matches!(self, Stage::Describe | Stage::Train | Stage::Generate)
+        matches!(
+            self,
+            Stage::Describe | Stage::Train | Stage::Generate | Stage::Evaluate
+        )
     }
 }
 
@@ -279,7 +283,9 @@ impl GenerateSettings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields, default)]
 pub struct GenerateSettings {
-    /// Prompts with the identifier, e.g. "a sks dog on the beach".
+    /// Prompts with the identifier, e.g. "a sks dog on the beach". Empty: the DreamBooth
+    /// dataset's 25 prompts for the subject's kind (see `subject_kind`), with the job's token
+    /// and class.
     pub prompts: Vec<String>,
     pub images_per_prompt: u32,
     pub steps: u32,
@@ -314,6 +320,10 @@ pub struct JobSpec {
     pub token: IdentifierToken,
     #[serde(default)]
     pub mode: Mode,
+    /// Object or live subject: picks the DreamBooth prompt list used when `generate.prompts` is
+    /// empty. Default: live for animal classes (dog, cat, ...), object otherwise.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject_kind: Option<SubjectKind>,
     #[serde(default)]
     pub descriptions: DescriptionsSpec,
     /// Stop after describing so the user can edit and approve the descriptions.
@@ -347,6 +357,21 @@ impl JobSpec {
     /// The fixed prefix every description of this job starts with.
     pub fn prefix(&self) -> String {
         self.mode.prefix(&self.token, &self.subject_class)
+    }
+
+    /// The subject kind the spec names, or the one its class suggests.
+    pub fn subject_kind(&self) -> SubjectKind {
+        self.subject_kind
+            .unwrap_or_else(|| SubjectKind::for_class(&self.subject_class))
+    }
+
+    /// The prompts the generate and evaluate stages use: the spec's own, or the DreamBooth
+    /// dataset's 25 for the subject's kind.
+    pub fn prompts(&self) -> Vec<String> {
+        match &self.generate {
+            Some(g) if !g.prompts.is_empty() => g.prompts.clone(),
+            _ => dreambooth_prompts(self.subject_kind(), &self.token, &self.subject_class),
+        }
     }
 
     /// Stages sorted into pipeline order, duplicates removed.
@@ -396,13 +421,6 @@ impl JobSpec {
         }
         if let Some(generate) = &self.generate {
             generate.validate()?;
-        }
-        if stages.contains(&Stage::Generate)
-            && self.generate.as_ref().is_none_or(|g| g.prompts.is_empty())
-        {
-            return Err(SpecError::Invalid(
-                "the generate stage needs generate.prompts (at least one prompt)".into(),
-            ));
         }
         if self.generate.is_some() && !stages.contains(&Stage::Generate) {
             return Err(SpecError::Invalid(
@@ -471,14 +489,41 @@ mod tests {
     }
 
     #[test]
-    fn stages_not_built_are_refused_by_name() {
+    fn evaluate_needs_the_stages_before_it() {
         let s = spec(serde_json::json!({"subject_class": "dog",
             "stages": ["describe", "evaluate"]}))
         .unwrap();
-        assert_eq!(
-            s.validate(1),
-            Err(SpecError::StageNotImplemented("evaluate"))
+        assert!(
+            matches!(s.validate(1), Err(SpecError::Invalid(m)) if m.contains("needs stage generate"))
         );
+        let s = spec(serde_json::json!({"subject_class": "dog",
+            "stages": ["describe", "train", "generate", "evaluate"]}))
+        .unwrap();
+        s.validate(1).unwrap();
+    }
+
+    #[test]
+    fn prompts_default_to_the_dreambooth_lists() {
+        let s = spec(serde_json::json!({"subject_class": "dog",
+            "stages": ["describe", "train", "generate"]}))
+        .unwrap();
+        let prompts = s.prompts();
+        assert_eq!(prompts.len(), 25);
+        assert_eq!(prompts[10], "a sks dog wearing a red hat");
+        let s = spec(
+            serde_json::json!({"subject_class": "dog", "subject_kind": "object",
+            "token": "ohwx", "stages": ["describe", "train", "generate"]}),
+        )
+        .unwrap();
+        assert_eq!(
+            s.prompts()[10],
+            "a ohwx dog with a wheat field in the background"
+        );
+        let s = spec(serde_json::json!({"subject_class": "dog",
+            "stages": ["describe", "train", "generate"],
+            "generate": {"prompts": ["a sks dog on the moon"]}}))
+        .unwrap();
+        assert_eq!(s.prompts(), vec!["a sks dog on the moon"]);
     }
 
     #[test]
@@ -492,7 +537,7 @@ mod tests {
         let no_prompts = spec(serde_json::json!({"subject_class": "dog",
             "stages": ["describe", "train", "generate"]}))
         .unwrap();
-        assert!(matches!(no_prompts.validate(3), Err(SpecError::Invalid(_))));
+        no_prompts.validate(3).unwrap();
         let bad_steps = spec(serde_json::json!({"subject_class": "dog",
             "stages": ["describe", "train"], "train": {"steps": 0}}))
         .unwrap();

@@ -199,3 +199,92 @@ mod tests {
         Ok(())
     }
 }
+
+/// One map `[h, w]` as a `.npy` file (NumPy format 1.0, little-endian float32, C order), the
+/// form the generate stage stores so anyone can read it (`numpy.load`).
+pub fn map_to_npy(map: &Tensor) -> Result<Vec<u8>> {
+    let (h, w) = map.dims2()?;
+    let values = map
+        .to_dtype(DType::F32)?
+        .to_device(&Device::Cpu)?
+        .flatten_all()?
+        .to_vec1::<f32>()?;
+    let mut header = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({h}, {w}), }}");
+    // Magic (6) + version (2) + header length (2) + header, padded to a multiple of 64 and
+    // ending in a newline, as NumPy writes it.
+    let unpadded = 10 + header.len() + 1;
+    header.push_str(&" ".repeat((64 - unpadded % 64) % 64));
+    header.push('\n');
+    let mut out = Vec::with_capacity(10 + header.len() + 4 * values.len());
+    out.extend_from_slice(b"\x93NUMPY\x01\x00");
+    out.extend_from_slice(&(header.len() as u16).to_le_bytes());
+    out.extend_from_slice(header.as_bytes());
+    for v in values {
+        out.extend_from_slice(&v.to_le_bytes());
+    }
+    Ok(out)
+}
+
+/// Reads a map written by [`map_to_npy`] (or any 2-D little-endian float32 C-order `.npy`):
+/// `(h, w, values)` in row-major order.
+pub fn map_from_npy(bytes: &[u8]) -> Result<(usize, usize, Vec<f32>)> {
+    let bad = |why: &str| candle_core::Error::Msg(format!("not a 2-D float32 .npy map: {why}"));
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" || bytes[6] != 1 {
+        return Err(bad("no NumPy 1.x magic"));
+    }
+    let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let header = bytes
+        .get(10..10 + header_len)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .ok_or_else(|| bad("truncated header"))?;
+    if !header.contains("'descr': '<f4'") || !header.contains("'fortran_order': False") {
+        return Err(bad("only little-endian float32 in C order is read"));
+    }
+    let shape = header
+        .split("'shape': (")
+        .nth(1)
+        .and_then(|s| s.split(')').next())
+        .ok_or_else(|| bad("no shape"))?;
+    let dims: Vec<usize> = shape
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse().map_err(|_| bad("a dimension is not a number")))
+        .collect::<Result<_>>()?;
+    let &[h, w] = dims.as_slice() else {
+        return Err(bad("not two-dimensional"));
+    };
+    let data = &bytes[10 + header_len..];
+    if data.len() != h * w * 4 {
+        return Err(bad("data does not match the shape"));
+    }
+    let values = data
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect();
+    Ok((h, w, values))
+}
+
+#[cfg(test)]
+mod npy_tests {
+    use super::*;
+
+    #[test]
+    fn maps_round_trip_through_npy() {
+        let map = Tensor::from_vec(
+            vec![0.0f32, 1.5, -2.0, 3.25, 4.0, 5.0],
+            (2, 3),
+            &Device::Cpu,
+        )
+        .unwrap();
+        let bytes = map_to_npy(&map).unwrap();
+        // The header is padded so the data starts on a 64-byte boundary, as NumPy writes it.
+        let header_len = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+        assert_eq!((10 + header_len) % 64, 0);
+        let (h, w, values) = map_from_npy(&bytes).unwrap();
+        assert_eq!((h, w), (2, 3));
+        assert_eq!(values, vec![0.0, 1.5, -2.0, 3.25, 4.0, 5.0]);
+        assert!(map_from_npy(&bytes[..bytes.len() - 1]).is_err());
+        assert!(map_from_npy(b"not npy at all").is_err());
+    }
+}

@@ -2,12 +2,10 @@
 
 use std::path::Path;
 
+use sidbooth_tokenizer::{END, START};
 use tokenizers::Tokenizer;
 
 use crate::error::{Error, Result};
-
-const START: &str = "<|startoftext|>";
-const END: &str = "<|endoftext|>";
 
 /// CLIP tokenizer with SD's fixed-length padding.
 #[derive(Clone)]
@@ -34,42 +32,7 @@ fn tk_err(e: impl std::fmt::Display) -> Error {
 
 /// The `tokenizer.json` of CLIPTokenizerFast for a given vocab (JSON text) and merges (text).
 pub fn tokenizer_json(vocab_json: &str, merges_txt: &str) -> Result<String> {
-    let vocab: serde_json::Value = serde_json::from_str(vocab_json).map_err(tk_err)?;
-    let start_id = vocab
-        .get(START)
-        .and_then(|v| v.as_u64())
-        .ok_or_else(|| tk_err("vocab lacks <|startoftext|>"))?;
-    let end_id = vocab
-        .get(END)
-        .and_then(|v| v.as_u64())
-        .ok_or_else(|| tk_err("vocab lacks <|endoftext|>"))?;
-    let merges: Vec<String> = merges_txt
-        .lines()
-        .filter(|l| !l.starts_with("#version") && !l.trim().is_empty())
-        .map(|l| l.to_string())
-        .collect();
-    let j = serde_json::json!({
-        "version": "1.0",
-        "truncation": null,
-        "padding": null,
-        "added_tokens": [
-            {"id": start_id, "content": START, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true},
-            {"id": end_id, "content": END, "single_word": false, "lstrip": false, "rstrip": false, "normalized": false, "special": true}
-        ],
-        "normalizer": {"type": "Sequence", "normalizers": [
-            {"type": "NFC"},
-            {"type": "Replace", "pattern": {"Regex": "\\s+"}, "content": " "},
-            {"type": "Lowercase"}
-        ]},
-        "pre_tokenizer": {"type": "Sequence", "pretokenizers": [
-            {"type": "Split", "pattern": {"Regex": "<\\|startoftext\\|>|<\\|endoftext\\|>|'s|'t|'re|'ve|'m|'ll|'d|[\\p{L}]+|[\\p{N}]|[^\\s\\p{L}\\p{N}]+"}, "behavior": "Removed", "invert": true},
-            {"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}
-        ]},
-        "post_processor": {"type": "RobertaProcessing", "sep": [END, end_id], "cls": [START, start_id], "trim_offsets": false, "add_prefix_space": false},
-        "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
-        "model": {"type": "BPE", "dropout": null, "unk_token": END, "continuing_subword_prefix": "", "end_of_word_suffix": "</w>", "fuse_unk": false, "byte_fallback": false, "ignore_merges": false, "vocab": vocab, "merges": merges}
-    });
-    Ok(j.to_string())
+    sidbooth_tokenizer::tokenizer_json(vocab_json, merges_txt).map_err(tk_err)
 }
 
 fn pad_token_from_dir(dir: &Path) -> Option<String> {

@@ -31,8 +31,23 @@ struct Recording<B: SimpleBackend> {
     record: Record,
 }
 
+impl<B: SimpleBackend> Recording<B> {
+    /// A tensor the source lacks is named in the error whatever the source: candle's safetensors
+    /// backend would report the safetensors crate's own error type instead.
+    fn present(&self, name: &str) -> Result<()> {
+        if self.inner.contains_tensor(name) {
+            Ok(())
+        } else {
+            Err(candle_core::Error::CannotFindTensor {
+                path: name.to_string(),
+            })
+        }
+    }
+}
+
 impl<B: SimpleBackend> SimpleBackend for Recording<B> {
     fn get(&self, s: Shape, name: &str, h: Init, dtype: DType, dev: &Device) -> Result<Tensor> {
+        self.present(name)?;
         let t = self.inner.get(s, name, h, dtype, dev)?;
         self.record
             .0
@@ -42,6 +57,7 @@ impl<B: SimpleBackend> SimpleBackend for Recording<B> {
         Ok(t)
     }
     fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> Result<Tensor> {
+        self.present(name)?;
         let t = self.inner.get_unchecked(name, dtype, dev)?;
         self.record
             .0
