@@ -28,10 +28,13 @@ use async_openai::types::{
 };
 use futures::stream::{FuturesUnordered, Stream, StreamExt};
 use reqwest::header::{HeaderMap, AUTHORIZATION, CONTENT_TYPE};
-use sidbooth_domain::{DescriptionCase, Mode};
+use sidbooth_domain::{DescriptionCase, Mode, SubjectClass};
 use tokio::sync::Semaphore;
 
 use crate::photo::prepare_photo;
+use crate::subject_box::{
+    box_correction, box_instruction, parse_subject_box, BoxProblem, NormalizedBox,
+};
 use crate::validate::{validate_description, DescriptionProblem, DescriptionRules};
 
 /// The model used when none is configured.
@@ -299,6 +302,19 @@ impl Outcome {
     }
 }
 
+/// What the model said about where the subject is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BoxOutcome {
+    Found(NormalizedBox),
+    /// The model sees no subject of this class in the photo.
+    NotFound,
+    /// Every answer failed to parse; the last one and why.
+    Problem {
+        problem: BoxProblem,
+        last_text: String,
+    },
+}
+
 /// One finished photo, as reported to the `on_progress` callback of
 /// [`VlmClient::describe_all`].
 #[derive(Debug)]
@@ -443,26 +459,7 @@ impl VlmClient {
             .await
             .map_err(|e| VlmError::Photo(crate::photo::PhotoError(e.to_string())))??;
 
-        let mut messages = vec![ChatCompletionRequestMessage::User(
-            ChatCompletionRequestUserMessage {
-                content: ChatCompletionRequestUserMessageContent::Array(vec![
-                    ChatCompletionRequestUserMessageContentPart::Text(
-                        ChatCompletionRequestMessageContentPartText {
-                            text: instruction.text.clone(),
-                        },
-                    ),
-                    ChatCompletionRequestUserMessageContentPart::ImageUrl(
-                        ChatCompletionRequestMessageContentPartImage {
-                            image_url: ImageUrl {
-                                url: photo.data_url,
-                                detail: None,
-                            },
-                        },
-                    ),
-                ]),
-                name: None,
-            },
-        )];
+        let mut messages = vec![photo_message(&instruction.text, photo.data_url)];
 
         let mut attempts = 0;
         loop {
@@ -513,6 +510,58 @@ impl VlmClient {
                     ));
                 }
             }
+        }
+    }
+
+    /// Asks for the bounding box of the subject (see [`crate::subject_box`]), asking again with
+    /// the problem stated while an answer fails to parse (up to `max_corrections` times).
+    #[tracing::instrument(name = "vlm.subject_box", skip_all, fields(model = %self.config.model))]
+    pub async fn subject_box(
+        &self,
+        image: &[u8],
+        class: &SubjectClass,
+    ) -> Result<BoxOutcome, VlmError> {
+        let max_px = self.config.image_max_px;
+        let bytes = image.to_vec();
+        let photo = tokio::task::spawn_blocking(move || prepare_photo(&bytes, max_px))
+            .await
+            .map_err(|e| VlmError::Photo(crate::photo::PhotoError(e.to_string())))??;
+        let mut messages = vec![photo_message(&box_instruction(class), photo.data_url)];
+        let mut attempts = 0;
+        loop {
+            let request = CreateChatCompletionRequest {
+                model: self.config.model.clone(),
+                messages: messages.clone(),
+                ..Default::default()
+            };
+            let reply = self.complete(&request).await?;
+            attempts += 1;
+            let problem = match parse_subject_box(&reply) {
+                Ok(Some(found)) => return Ok(BoxOutcome::Found(found)),
+                Ok(None) => return Ok(BoxOutcome::NotFound),
+                Err(problem) => problem,
+            };
+            tracing::info!(code = problem.code(), attempts, "subject box refused");
+            if attempts > self.config.max_corrections {
+                return Ok(BoxOutcome::Problem {
+                    problem,
+                    last_text: reply,
+                });
+            }
+            messages.push(ChatCompletionRequestMessage::Assistant(
+                ChatCompletionRequestAssistantMessage {
+                    content: Some(ChatCompletionRequestAssistantMessageContent::Text(reply)),
+                    ..Default::default()
+                },
+            ));
+            messages.push(ChatCompletionRequestMessage::User(
+                ChatCompletionRequestUserMessage {
+                    content: ChatCompletionRequestUserMessageContent::Text(box_correction(
+                        &problem,
+                    )),
+                    name: None,
+                },
+            ));
         }
     }
 
@@ -728,6 +777,28 @@ fn retry_after(headers: &HeaderMap) -> Option<Duration> {
     get("retry-after-ms")
         .map(|ms| Duration::from_secs_f64(ms / 1000.0))
         .or_else(|| get("retry-after").map(Duration::from_secs_f64))
+}
+
+/// The first message of a conversation: the instruction and the photo.
+fn photo_message(text: &str, data_url: String) -> ChatCompletionRequestMessage {
+    ChatCompletionRequestMessage::User(ChatCompletionRequestUserMessage {
+        content: ChatCompletionRequestUserMessageContent::Array(vec![
+            ChatCompletionRequestUserMessageContentPart::Text(
+                ChatCompletionRequestMessageContentPartText {
+                    text: text.to_owned(),
+                },
+            ),
+            ChatCompletionRequestUserMessageContentPart::ImageUrl(
+                ChatCompletionRequestMessageContentPartImage {
+                    image_url: ImageUrl {
+                        url: data_url,
+                        detail: None,
+                    },
+                },
+            ),
+        ]),
+        name: None,
+    })
 }
 
 /// The follow-up message after a refused answer.

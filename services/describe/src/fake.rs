@@ -31,6 +31,8 @@ use axum::routing::post;
 use axum::Router;
 use base64::Engine as _;
 
+use crate::subject_box::BOX_INSTRUCTION_START;
+
 /// What the server does with one request.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Behaviour {
@@ -115,6 +117,9 @@ impl RecordedRequest {
 #[derive(Default)]
 struct Shared {
     queue: Mutex<VecDeque<Behaviour>>,
+    /// Scripted answers to subject-box requests, kept apart so that tests scripting
+    /// descriptions are not disturbed by the box requests of the same job.
+    box_queue: Mutex<VecDeque<Behaviour>>,
     requests: Mutex<Vec<RecordedRequest>>,
     base_delay: Mutex<Duration>,
     in_flight: AtomicUsize,
@@ -167,6 +172,12 @@ impl FakeVlm {
         self.shared.queue.lock().unwrap().push_back(behaviour);
     }
 
+    /// Queues the behaviour for the next subject-box request (see [`DEFAULT_BOX_REPLY`] for
+    /// what an empty box queue answers).
+    pub fn push_box(&self, behaviour: Behaviour) {
+        self.shared.box_queue.lock().unwrap().push_back(behaviour);
+    }
+
     /// Queues several behaviours.
     pub fn push_all(&self, behaviours: impl IntoIterator<Item = Behaviour>) {
         self.shared.queue.lock().unwrap().extend(behaviours);
@@ -198,6 +209,10 @@ impl Drop for FakeVlm {
         self.task.abort();
     }
 }
+
+/// The default answer to a subject-box request: the middle of the photo, as a subject usually
+/// is.
+pub const DEFAULT_BOX_REPLY: &str = r#"{"box": [0.2, 0.15, 0.8, 0.95]}"#;
 
 /// The description the default responder writes for an instruction: the prefix quoted in it,
 /// then a short description of a made-up background. `None` when the instruction quotes no
@@ -259,8 +274,13 @@ async fn handle(
             "request is not a chat completion request",
         );
     }
-    let mut behaviour = shared
-        .queue
+    let is_box = instruction.starts_with(BOX_INSTRUCTION_START);
+    let queue = if is_box {
+        &shared.box_queue
+    } else {
+        &shared.queue
+    };
+    let mut behaviour = queue
         .lock()
         .unwrap()
         .pop_front()
@@ -271,6 +291,7 @@ async fn handle(
                 tokio::time::sleep(delay).await;
                 behaviour = *then;
             }
+            Behaviour::Default if is_box => return completion(Some(DEFAULT_BOX_REPLY)),
             Behaviour::Default => {
                 let text = default_reply(&instruction)
                     .unwrap_or_else(|| "I cannot tell what to describe.".to_owned());

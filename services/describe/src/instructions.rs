@@ -24,11 +24,15 @@
 use sidbooth_domain::{DescriptionCase, IdentifierToken, Mode, SubjectClass};
 
 /// Version of the instruction texts in this module. Part of every cache key.
-pub const INSTRUCTION_VERSION: &str = "2026-11-26.1";
+pub const INSTRUCTION_VERSION: &str = "2026-12-01.1";
 
 /// The most sentences an instruction asks for; the validator allows one more
 /// (see [`crate::validate::DEFAULT_MAX_SENTENCES`]).
 pub const ASKED_MAX_SENTENCES: usize = 3;
+
+/// The most words an instruction asks for: English takes about 1.3 CLIP tokens a word, so 50
+/// words stay inside the 75 tokens the text encoder reads between its start and end tokens.
+pub const ASKED_MAX_WORDS: usize = 50;
 
 /// An instruction text and the version of the texts it was built from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,11 +87,12 @@ fn output_rules(subject: &str) -> String {
     format!(
         "Use \"{subject}\" exactly once, in the opening words, and do not write \"{subject}\" or \
          the word \"{token}\" anywhere else; after the opening words, call it \"it\". Write \
-         one sentence, or at most {n}, in plain English text: no quotation marks, no lists, \
-         no headings, no line breaks, no markdown, and nothing before or after the \
-         description.",
+         one sentence, or at most {n}, and at most {words} words in all, in plain English \
+         text: no quotation marks, no lists, no headings, no line breaks, no markdown, and \
+         nothing before or after the description.",
         token = subject.split(' ').next().unwrap_or(subject),
         n = ASKED_MAX_SENTENCES,
+        words = ASKED_MAX_WORDS,
     )
 }
 

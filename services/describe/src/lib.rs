@@ -10,6 +10,7 @@
 pub mod client;
 pub mod instructions;
 pub mod photo;
+pub mod subject_box;
 pub mod validate;
 
 #[cfg(feature = "fake-vlm")]
@@ -17,7 +18,10 @@ pub mod fake;
 
 #[cfg(feature = "clap")]
 pub use client::VlmArgs;
-pub use client::{cache_key, ApiKey, Outcome, Progress, VlmClient, VlmConfig, VlmError};
+pub use client::{
+    cache_key, ApiKey, BoxOutcome, Outcome, Progress, VlmClient, VlmConfig, VlmError,
+};
 pub use instructions::{fixed_description, instruction_for, Instruction, INSTRUCTION_VERSION};
 pub use photo::{prepare_photo, sha256_hex, PhotoError, PreparedPhoto};
+pub use subject_box::{BoxProblem, NormalizedBox};
 pub use validate::{validate_description, DescriptionProblem, DescriptionRules};

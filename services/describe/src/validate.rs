@@ -58,6 +58,8 @@
 use sidbooth_domain::spec::MAX_DESCRIPTION_CHARS;
 use sidbooth_domain::{DescriptionCase, IdentifierToken, JobSpec, Mode, SubjectClass};
 
+use sidbooth_tokenizer::{count_tokens, CONTEXT_LENGTH};
+
 use crate::instructions::{self, Instruction, ASKED_MAX_SENTENCES};
 
 /// Sentences allowed in one description: the instructions ask for at most
@@ -75,6 +77,9 @@ pub struct DescriptionRules {
     pub max_chars: usize,
     /// Upper bound on sentences. Default [`DEFAULT_MAX_SENTENCES`].
     pub max_sentences: usize,
+    /// Upper bound in CLIP tokens, start and end tokens included: what the text encoder reads.
+    /// Default [`CONTEXT_LENGTH`].
+    pub max_tokens: usize,
 }
 
 impl DescriptionRules {
@@ -91,6 +96,7 @@ impl DescriptionRules {
             class,
             max_chars: MAX_DESCRIPTION_CHARS,
             max_sentences: DEFAULT_MAX_SENTENCES,
+            max_tokens: CONTEXT_LENGTH,
         }
     }
 
@@ -141,6 +147,17 @@ pub enum DescriptionProblem {
     TooLong { chars: usize, max: usize },
     #[error("the description has {count} sentences; at most {max} are allowed")]
     TooManySentences { count: usize, max: usize },
+    /// Longer than the CLIP text encoder reads: the words after the cut would never train.
+    #[error(
+        "the description has {tokens} CLIP tokens but the text encoder reads only {max}, so \
+         \"{cut}\" would be ignored; shorten it to about {words} words"
+    )]
+    TooManyTokens {
+        tokens: usize,
+        max: usize,
+        cut: String,
+        words: usize,
+    },
     /// The identifier token must appear exactly once, as a whole word, in "{token} {class}".
     #[error(
         "the identifier \"{token}\" must appear exactly once, in \"{token} {class}\" at the \
@@ -178,6 +195,7 @@ impl DescriptionProblem {
             DescriptionProblem::NotPrefixOnly { .. } => "not_prefix_only",
             DescriptionProblem::TooLong { .. } => "too_long",
             DescriptionProblem::TooManySentences { .. } => "too_many_sentences",
+            DescriptionProblem::TooManyTokens { .. } => "too_many_tokens",
             DescriptionProblem::TokenCount { .. } => "token_count",
             DescriptionProblem::DescribesSubject { .. } => "describes_subject",
             DescriptionProblem::DescribesStyle { .. } => "describes_style",
@@ -185,13 +203,14 @@ impl DescriptionProblem {
     }
 
     /// Every code [`code`](Self::code) can return, e.g. for documentation.
-    pub const CODES: [&'static str; 9] = [
+    pub const CODES: [&'static str; 10] = [
         "empty",
         "not_plain_text",
         "missing_prefix",
         "not_prefix_only",
         "too_long",
         "too_many_sentences",
+        "too_many_tokens",
         "token_count",
         "describes_subject",
         "describes_style",
@@ -241,6 +260,17 @@ pub fn validate_description(
         return Err(DescriptionProblem::TooManySentences {
             count: sentences,
             max: rules.max_sentences,
+        });
+    }
+    let count = count_tokens(&text);
+    if count.tokens > rules.max_tokens {
+        let words = text.split_whitespace().count();
+        return Err(DescriptionProblem::TooManyTokens {
+            tokens: count.tokens,
+            max: rules.max_tokens,
+            cut: count.cut.unwrap_or_default(),
+            // Scale the word count by what fits, with a margin for the model's estimate.
+            words: words * (rules.max_tokens - 2) / count.tokens.max(1) * 9 / 10,
         });
     }
 
@@ -1331,6 +1361,35 @@ mod tests {
     }
 
     #[test]
+    fn descriptions_longer_than_the_text_encoder_reads_are_refused() {
+        let rules = rules(DescriptionCase::Sid, Mode::Object, "sks", "dog");
+        let fits = "a photo of sks dog sitting on a red sofa next to a window with white curtains";
+        assert!(validate_description(fits, &rules).is_ok());
+        // Two sentences of many short objects: under the character and sentence limits, over
+        // 77 CLIP tokens.
+        let long = format!(
+            "a photo of sks dog sitting on a sofa beside {}. The wall behind has {}.",
+            "a lamp, a cup, a book, a plant, a vase, a clock, a pen, a box, a hat, a bag, a fan",
+            "a map, a mirror, a shelf, a frame, a poster, a calendar, a switch, a socket, a hook, \
+             a rug, a chair, a desk, a radio"
+        );
+        match validate_description(&long, &rules) {
+            Err(DescriptionProblem::TooManyTokens {
+                tokens,
+                max,
+                cut,
+                words,
+            }) => {
+                assert_eq!(max, 77);
+                assert!(tokens > 77, "{tokens}");
+                assert!(long.ends_with(&cut), "{cut:?} is the end of the text");
+                assert!(words > 10 && words < long.split_whitespace().count());
+            }
+            other => panic!("expected too_many_tokens, got {other:?}"),
+        }
+    }
+
+    #[test]
     fn every_code_is_listed_and_distinct() {
         let problems = [
             DescriptionProblem::Empty { prefix: "p".into() },
@@ -1343,6 +1402,12 @@ mod tests {
             },
             DescriptionProblem::TooLong { chars: 2, max: 1 },
             DescriptionProblem::TooManySentences { count: 2, max: 1 },
+            DescriptionProblem::TooManyTokens {
+                tokens: 80,
+                max: 77,
+                cut: "x".into(),
+                words: 40,
+            },
             DescriptionProblem::TokenCount {
                 token: "t".into(),
                 class: "c".into(),

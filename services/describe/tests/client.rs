@@ -310,6 +310,87 @@ async fn an_invalid_answer_is_corrected_by_a_follow_up() {
 }
 
 #[tokio::test]
+async fn an_answer_longer_than_the_text_encoder_reads_is_shortened() {
+    let fake = FakeVlm::start().await;
+    let long = format!(
+        "a photo of sks dog sitting on a sofa beside {}. The wall behind has {}.",
+        [
+            "a lamp", "a cup", "a book", "a plant", "a vase", "a clock", "a pen", "a box", "a hat",
+            "a bag", "a fan"
+        ]
+        .join(", "),
+        [
+            "a map",
+            "a mirror",
+            "a shelf",
+            "a frame",
+            "a poster",
+            "a calendar",
+            "a switch",
+            "a socket",
+            "a hook",
+            "a rug",
+            "a chair",
+            "a desk",
+            "a radio"
+        ]
+        .join(", ")
+    );
+    fake.push(Behaviour::reply(long.clone()));
+    let outcome = client(config(&fake))
+        .describe_one(&png(64, 64, 0), &rules(DescriptionCase::Sid))
+        .await
+        .unwrap();
+    assert_eq!(described_text(&outcome), DEFAULT_REPLY);
+    let requests = fake.requests();
+    assert_eq!(requests.len(), 2);
+    assert!(requests[0].instruction.contains("at most 50 words"));
+    let correction = &requests[1].texts[2];
+    assert!(correction.contains("CLIP tokens"), "{correction}");
+    assert!(correction.contains("shorten it"), "{correction}");
+}
+
+#[tokio::test]
+async fn the_subject_box_is_asked_as_json_and_checked() {
+    let fake = FakeVlm::start().await;
+    fake.push_box(Behaviour::reply("The dog is in the middle."));
+    fake.push_box(Behaviour::reply(r#"{"box": [0.1, 0.2, 0.6, 0.9]}"#));
+    let outcome = client(config(&fake))
+        .subject_box(&png(64, 64, 0), &SubjectClass::parse("dog").unwrap())
+        .await
+        .unwrap();
+    let sidbooth_describe::BoxOutcome::Found(b) = outcome else {
+        panic!("expected a box, got {outcome:?}");
+    };
+    assert_eq!(b.to_pixels(100, 50), [10.0, 10.0, 60.0, 45.0]);
+    let requests = fake.requests();
+    assert_eq!(
+        requests.len(),
+        2,
+        "one correction after the answer that is not JSON"
+    );
+    assert_eq!(requests[0].images.len(), 1);
+    assert!(
+        requests[1].texts[2].contains("JSON only"),
+        "{:?}",
+        requests[1].texts
+    );
+
+    fake.push_box(Behaviour::reply(r#"{"box": null}"#));
+    let none = client(config(&fake))
+        .subject_box(&png(64, 64, 0), &SubjectClass::parse("dog").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(none, sidbooth_describe::BoxOutcome::NotFound);
+    // Descriptions are not disturbed by box answers queued for the same server.
+    let described = client(config(&fake))
+        .describe_one(&png(64, 64, 1), &rules(DescriptionCase::Sid))
+        .await
+        .unwrap();
+    assert_eq!(described_text(&described), DEFAULT_REPLY);
+}
+
+#[tokio::test]
 async fn an_answer_that_keeps_failing_is_a_problem() {
     let fake = FakeVlm::start().await;
     let bad = "a photo of sks dog with fluffy white fur on a sofa.";
