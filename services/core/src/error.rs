@@ -25,6 +25,33 @@ pub enum CoreError {
     Corrupt(String),
 }
 
+impl CoreError {
+    /// The database or storage could not be reached (down, restarting, out of connections):
+    /// worth trying again later, and nothing was changed. Storage errors are all reported as
+    /// such; the S3 client has retried them already.
+    pub fn is_unavailable(&self) -> bool {
+        match self {
+            CoreError::Database(e) => {
+                matches!(
+                    e,
+                    sqlx::Error::Io(_)
+                        | sqlx::Error::Tls(_)
+                        | sqlx::Error::PoolTimedOut
+                        | sqlx::Error::PoolClosed
+                        | sqlx::Error::WorkerCrashed
+                        | sqlx::Error::Protocol(_)
+                ) || e
+                    .as_database_error()
+                    .and_then(|d| d.code())
+                    // Class 08 (connection exception), 57P01-57P03 (shutdown, cannot connect now).
+                    .is_some_and(|c| c.starts_with("08") || c.starts_with("57P"))
+            }
+            CoreError::Storage(_) => true,
+            _ => false,
+        }
+    }
+}
+
 impl From<serde_json::Error> for CoreError {
     fn from(e: serde_json::Error) -> Self {
         CoreError::Corrupt(e.to_string())

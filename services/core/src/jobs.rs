@@ -5,7 +5,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sidbooth_domain::{DescriptionCase, JobSpec, JobStatus, Stage};
+use sidbooth_domain::{report::MaskSource, DescriptionCase, JobSpec, JobStatus, Stage};
 use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
@@ -38,6 +38,8 @@ pub struct JobRecord {
     pub max_attempts: i32,
     pub cancel_requested: bool,
     pub error: Option<JobError>,
+    /// What the user should know that did not fail the job, one per code.
+    pub warnings: Vec<JobWarning>,
     pub image_count: i32,
     pub run_after: DateTime<Utc>,
     pub created_at: DateTime<Utc>,
@@ -55,10 +57,20 @@ impl JobRecord {
     }
 }
 
+/// Something a stage wants the user to know without failing the job (no masks could be made,
+/// a description is longer than the text encoder reads).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobWarning {
+    /// Stable, machine-readable, e.g. "masks_unavailable".
+    pub code: String,
+    pub message: String,
+    pub stage: Stage,
+}
+
 /// The columns of `jobs` that make a [`JobRecord`], for every query that returns one.
 pub(crate) const JOB_COLUMNS: &str = "id, tenant_id, spec, status, stage, progress, stages_done, \
-    attempts, max_attempts, cancel_requested, error, image_count, run_after, created_at, \
-    updated_at, finished_at";
+    attempts, max_attempts, cancel_requested, error, warnings, image_count, run_after, \
+    created_at, updated_at, finished_at";
 
 #[derive(sqlx::FromRow)]
 pub(crate) struct JobRow {
@@ -73,6 +85,7 @@ pub(crate) struct JobRow {
     max_attempts: i32,
     cancel_requested: bool,
     error: Option<serde_json::Value>,
+    warnings: serde_json::Value,
     image_count: i32,
     run_after: DateTime<Utc>,
     created_at: DateTime<Utc>,
@@ -109,6 +122,7 @@ impl TryFrom<JobRow> for JobRecord {
             max_attempts: row.max_attempts,
             cancel_requested: row.cancel_requested,
             error: row.error.map(serde_json::from_value).transpose()?,
+            warnings: serde_json::from_value(row.warnings)?,
             image_count: row.image_count,
             run_after: row.run_after,
             created_at: row.created_at,
@@ -135,6 +149,8 @@ pub(crate) fn status_event(job: &JobRecord) -> serde_json::Value {
 pub struct NewImage {
     pub file_name: String,
     pub object_key: String,
+    /// The subject mask uploaded beside the photo, already stored there.
+    pub mask_object_key: Option<String>,
     pub content_type: String,
     pub sha256: String,
     pub width: u32,
@@ -152,6 +168,55 @@ pub struct JobImage {
     pub width: i32,
     pub height: i32,
     pub bytes: i64,
+    /// The subject mask the user uploaded with the photo.
+    pub mask_object_key: Option<String>,
+}
+
+/// The artifact name of photo `idx`'s subject mask.
+pub fn mask_artifact_name(idx: i32) -> String {
+    format!("masks/{idx:02}.png")
+}
+
+/// Where a photo's subject mask came from (its PNG is the artifact [`mask_artifact_name`]).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct SubjectMask {
+    pub idx: i32,
+    pub source: MaskSource,
+    /// The box SAM was prompted with, in pixels of the photo.
+    pub prompt_box: Option<[f32; 4]>,
+    /// Share of the photo the mask covers.
+    pub coverage: f32,
+    pub updated_at: DateTime<Utc>,
+}
+
+pub(crate) fn mask_source_str(source: MaskSource) -> &'static str {
+    match source {
+        MaskSource::Uploaded => "uploaded",
+        MaskSource::SamVlmBox => "sam_vlm_box",
+        MaskSource::SamClipRanked => "sam_clip_ranked",
+    }
+}
+
+#[derive(sqlx::FromRow)]
+struct MaskRow {
+    idx: i32,
+    source: String,
+    prompt_box: Option<serde_json::Value>,
+    coverage: f32,
+    updated_at: DateTime<Utc>,
+}
+
+impl TryFrom<MaskRow> for SubjectMask {
+    type Error = CoreError;
+    fn try_from(r: MaskRow) -> Result<Self> {
+        Ok(SubjectMask {
+            idx: r.idx,
+            source: serde_json::from_value(serde_json::Value::String(r.source))?,
+            prompt_box: r.prompt_box.map(serde_json::from_value).transpose()?,
+            coverage: r.coverage,
+            updated_at: r.updated_at,
+        })
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -228,6 +293,16 @@ pub struct NewDescription {
     pub instruction_version: String,
     /// Set when validation failed and the text needs a reviewer.
     pub problem: Option<serde_json::Value>,
+}
+
+/// An artifact stored in storage, to be recorded.
+#[derive(Debug, Clone, Serialize)]
+pub struct NewArtifact {
+    pub name: String,
+    pub object_key: String,
+    pub content_type: String,
+    pub size: i64,
+    pub sha256: String,
 }
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
@@ -323,8 +398,8 @@ impl JobStore {
         for (idx, image) in job.images.iter().enumerate() {
             sqlx::query(
                 "INSERT INTO job_images (job_id, idx, file_name, object_key, content_type, sha256,
-                                         width, height, bytes)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9)",
+                                         width, height, bytes, mask_object_key)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)",
             )
             .bind(job.id)
             .bind(idx as i32)
@@ -335,6 +410,7 @@ impl JobStore {
             .bind(image.width as i32)
             .bind(image.height as i32)
             .bind(image.bytes as i64)
+            .bind(&image.mask_object_key)
             .execute(&mut *tx)
             .await?;
         }
@@ -420,7 +496,8 @@ impl JobStore {
 
     pub async fn images(&self, job_id: Uuid) -> Result<Vec<JobImage>> {
         Ok(sqlx::query_as(
-            "SELECT idx, file_name, object_key, content_type, sha256, width, height, bytes
+            "SELECT idx, file_name, object_key, content_type, sha256, width, height, bytes,
+                    mask_object_key
              FROM job_images WHERE job_id = $1 ORDER BY idx",
         )
         .bind(job_id)
@@ -456,6 +533,86 @@ impl JobStore {
         .fetch_all(&self.pool)
         .await?;
         rows.into_iter().map(Description::try_from).collect()
+    }
+
+    /// The subject masks made (or uploaded) so far, by image index.
+    pub async fn masks(&self, job_id: Uuid) -> Result<Vec<SubjectMask>> {
+        let rows: Vec<MaskRow> = sqlx::query_as(
+            "SELECT idx, source, prompt_box, coverage, updated_at
+             FROM subject_masks WHERE job_id = $1 ORDER BY idx",
+        )
+        .bind(job_id)
+        .fetch_all(&self.pool)
+        .await?;
+        rows.into_iter().map(SubjectMask::try_from).collect()
+    }
+
+    /// Replaces photo `idx`'s subject mask with one the user uploaded while the job awaits
+    /// review: the artifact now points at `artifact`'s object (already stored) and the mask's
+    /// source becomes `uploaded`. Returns the object key it replaced, for the caller to delete.
+    #[tracing::instrument(skip(self, artifact))]
+    pub async fn replace_mask(
+        &self,
+        tenant: Uuid,
+        id: Uuid,
+        idx: i32,
+        coverage: f32,
+        artifact: &NewArtifact,
+    ) -> Result<Option<String>> {
+        let mut tx = self.pool.begin().await?;
+        let job = Self::lock(&mut tx, tenant, id).await?;
+        if job.status != JobStatus::AwaitingReview {
+            return Err(CoreError::Conflict(format!(
+                "masks can be replaced only while the job is awaiting_review; it is {}",
+                job.status
+            )));
+        }
+        if idx < 0 || idx >= job.image_count {
+            return Err(CoreError::Conflict(format!(
+                "the job has no image with index {idx}"
+            )));
+        }
+        let previous: Option<String> =
+            sqlx::query_scalar("SELECT object_key FROM artifacts WHERE job_id = $1 AND name = $2")
+                .bind(id)
+                .bind(&artifact.name)
+                .fetch_optional(&mut *tx)
+                .await?;
+        sqlx::query(
+            "INSERT INTO artifacts (job_id, name, object_key, content_type, size, sha256)
+             VALUES ($1, $2, $3, $4, $5, $6)
+             ON CONFLICT (job_id, name) DO UPDATE SET
+                 object_key = EXCLUDED.object_key, content_type = EXCLUDED.content_type,
+                 size = EXCLUDED.size, sha256 = EXCLUDED.sha256, created_at = now()",
+        )
+        .bind(id)
+        .bind(&artifact.name)
+        .bind(&artifact.object_key)
+        .bind(&artifact.content_type)
+        .bind(artifact.size)
+        .bind(&artifact.sha256)
+        .execute(&mut *tx)
+        .await?;
+        sqlx::query(
+            "INSERT INTO subject_masks (job_id, idx, source, prompt_box, coverage)
+             VALUES ($1, $2, 'uploaded', NULL, $3)
+             ON CONFLICT (job_id, idx) DO UPDATE SET
+                 source = 'uploaded', prompt_box = NULL, coverage = EXCLUDED.coverage, updated_at = now()",
+        )
+        .bind(id)
+        .bind(idx)
+        .bind(coverage)
+        .execute(&mut *tx)
+        .await?;
+        events::record(
+            &mut *tx,
+            id,
+            "mask_replaced",
+            serde_json::json!({ "index": idx, "artifact": artifact.name }),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(previous.filter(|k| *k != artifact.object_key))
     }
 
     /// Locks a tenant's job for a state change made by the API.

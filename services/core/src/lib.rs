@@ -16,10 +16,10 @@ pub mod tenants;
 pub use config::{DatabaseArgs, QueueSettings, StorageArgs};
 pub use error::CoreError;
 pub use jobs::{
-    Artifact, Created, Description, JobError, JobImage, JobRecord, JobStore, ListPage,
-    NewDescription, NewImage, NewJob,
+    mask_artifact_name, Artifact, Created, Description, JobError, JobImage, JobRecord, JobStore,
+    JobWarning, ListPage, NewArtifact, NewDescription, NewImage, NewJob, SubjectMask,
 };
-pub use queue::{Claimed, Heartbeat, Lease, NewArtifact, Queue, RetryDecision};
+pub use queue::{Claimed, Heartbeat, Lease, Queue, RetryDecision};
 pub use storage::ArtifactStore;
 
 #[cfg(feature = "test-support")]

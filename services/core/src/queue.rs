@@ -11,8 +11,7 @@
 
 use std::time::Duration;
 
-use serde::Serialize;
-use sidbooth_domain::Stage;
+use sidbooth_domain::{report::MaskSource, Stage};
 use sqlx::{postgres::PgListener, PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
@@ -20,7 +19,10 @@ use crate::{
     config::QueueSettings,
     error::{CoreError, Result},
     events,
-    jobs::{status_event, JobError, JobRecord, JobRow, NewDescription, JOB_COLUMNS},
+    jobs::{
+        mask_source_str, status_event, JobError, JobRecord, JobRow, JobWarning, NewArtifact,
+        NewDescription, JOB_COLUMNS,
+    },
 };
 
 /// A worker's hold on a job. Cheap to clone; every write to the job goes through one.
@@ -48,16 +50,6 @@ pub struct Heartbeat {
 pub enum RetryDecision {
     RetryAfter(Duration),
     Failed,
-}
-
-/// An artifact a worker stored.
-#[derive(Debug, Clone, Serialize)]
-pub struct NewArtifact {
-    pub name: String,
-    pub object_key: String,
-    pub content_type: String,
-    pub size: i64,
-    pub sha256: String,
 }
 
 #[derive(Clone, Debug)]
@@ -375,6 +367,68 @@ impl Queue {
         if done.rows_affected() != 1 {
             return Err(CoreError::LeaseLost);
         }
+        Ok(())
+    }
+
+    /// Records where photo `idx`'s subject mask came from (its PNG is recorded as an artifact
+    /// beside it), replacing an earlier record.
+    pub async fn save_mask(
+        &self,
+        lease: &Lease,
+        idx: i32,
+        source: MaskSource,
+        prompt_box: Option<[f32; 4]>,
+        coverage: f32,
+    ) -> Result<()> {
+        let done = sqlx::query(&format!(
+            "INSERT INTO subject_masks (job_id, idx, source, prompt_box, coverage)
+             SELECT $1, $3, $4, $5, $6 FROM jobs WHERE {FENCE}
+             ON CONFLICT (job_id, idx) DO UPDATE SET
+                 source = EXCLUDED.source, prompt_box = EXCLUDED.prompt_box,
+                 coverage = EXCLUDED.coverage, updated_at = now()"
+        ))
+        .bind(lease.job_id)
+        .bind(lease.epoch)
+        .bind(idx)
+        .bind(mask_source_str(source))
+        .bind(prompt_box.map(|b| serde_json::json!(b)))
+        .bind(coverage)
+        .execute(&self.pool)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Err(CoreError::LeaseLost);
+        }
+        Ok(())
+    }
+
+    /// Adds a warning to the job (replacing an earlier one with the same code) and records it as
+    /// an event.
+    pub async fn warn(&self, lease: &Lease, warning: &JobWarning) -> Result<()> {
+        let mut tx = self.pool.begin().await?;
+        let done = sqlx::query(&format!(
+            "UPDATE jobs SET warnings = (
+                 SELECT coalesce(jsonb_agg(w), '[]'::jsonb) FROM jsonb_array_elements(warnings) w
+                 WHERE w->>'code' <> $3
+             ) || jsonb_build_array($4::jsonb), updated_at = now()
+             WHERE {FENCE}"
+        ))
+        .bind(lease.job_id)
+        .bind(lease.epoch)
+        .bind(&warning.code)
+        .bind(serde_json::to_value(warning)?)
+        .execute(&mut *tx)
+        .await?;
+        if done.rows_affected() != 1 {
+            return Err(CoreError::LeaseLost);
+        }
+        events::record(
+            &mut *tx,
+            lease.job_id,
+            "warning",
+            serde_json::to_value(warning)?,
+        )
+        .await?;
+        tx.commit().await?;
         Ok(())
     }
 

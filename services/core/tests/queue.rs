@@ -30,6 +30,7 @@ fn new_job(tenant: Uuid, images: usize, key: Option<&str>, hash: &[u8]) -> NewJo
                 width: 8,
                 height: 8,
                 bytes: 10,
+                mask_object_key: None,
             })
             .collect(),
         idempotency_key: key.map(str::to_owned),

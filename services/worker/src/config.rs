@@ -4,7 +4,7 @@
 use sidbooth_core::QueueSettings;
 use sidbooth_describe::VlmArgs;
 
-use crate::engine::EngineArgs;
+use crate::{engine::EngineArgs, evaluators::EvaluateArgs};
 
 /// What a worker does with the jobs it holds when it is asked to shut down.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
@@ -30,6 +30,9 @@ pub struct WorkerConfig {
     /// The diffusion model for the train and generate stages.
     #[command(flatten)]
     pub engine: EngineArgs,
+    /// CLIP, DINO and SAM for subject masks and the evaluate stage.
+    #[command(flatten)]
+    pub evaluate: EvaluateArgs,
     /// Jobs this worker runs at once.
     #[arg(long, env = "SIDBOOTH_WORKER_CONCURRENCY", default_value_t = 1)]
     pub concurrency: usize,
@@ -44,6 +47,7 @@ impl Default for WorkerConfig {
             queue: QueueSettings::default(),
             vlm: default_vlm_args(),
             engine: EngineArgs::default(),
+            evaluate: EvaluateArgs::default(),
             concurrency: 1,
             shutdown_mode: ShutdownMode::FinishStage,
         }

@@ -67,6 +67,11 @@ impl EngineArgs {
         }
     }
 
+    /// The device alone, for models that always run in f32 (the evaluators).
+    pub fn device_only(&self) -> Result<Device, StageError> {
+        self.device().map(|(device, _)| device)
+    }
+
     fn device(&self) -> Result<(Device, DType), StageError> {
         let bad = |msg: String| StageError::permanent("engine_config", msg);
         match self.device.as_str() {

@@ -3,6 +3,10 @@
 //! outcome: succeeded, awaiting review, retried later after a transient error, failed, canceled,
 //! or given back on shutdown.
 //!
+//! A stage is a module under [`stages`] implementing [`stage::StageRunner`]: it gets one
+//! [`stage::StageContext`] (the job, its lease, its storage through [`io::JobIo`], the models,
+//! the VLM client, progress and warnings) and returns a [`StageOutcome`].
+//!
 //! ```no_run
 //! # async fn demo(pool: sqlx::PgPool, store: sidbooth_core::ArtifactStore) -> anyhow::Result<()> {
 //! use sidbooth_worker::{Worker, WorkerConfig};
@@ -12,16 +16,17 @@
 //! # Ok(()) }
 //! ```
 
-pub mod artifacts;
 pub mod config;
-pub mod describe;
 pub mod engine;
 pub mod error;
-pub mod generate;
+pub mod evaluators;
+pub mod io;
 pub mod metrics;
-pub mod train;
+pub mod stage;
+pub mod stages;
 pub mod worker;
 
 pub use config::{ShutdownMode, WorkerConfig};
 pub use error::StageError;
-pub use worker::{Context, StageOutcome, Worker, WorkerError};
+pub use stage::{StageContext, StageOutcome};
+pub use worker::{Worker, WorkerError};

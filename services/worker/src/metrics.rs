@@ -9,6 +9,7 @@
 //! | `sidbooth_vlm_request_duration_seconds` | histogram | `outcome` (recorded by the VLM client) |
 //! | `sidbooth_vlm_errors_total` | counter | `kind`: the VLM error code |
 //! | `sidbooth_vlm_cache_hits_total` | counter | |
+//! | `sidbooth_evaluate_phase_seconds` | histogram | `phase`: references, images, texts, report |
 
 /// Registers descriptions and units with the installed recorder.
 pub fn describe() {
@@ -38,5 +39,11 @@ pub fn describe() {
     describe_counter!(
         "sidbooth_vlm_cache_hits_total",
         "Descriptions taken from the cache instead of the model."
+    );
+    describe_histogram!(
+        "sidbooth_evaluate_phase_seconds",
+        Unit::Seconds,
+        "Time the evaluate stage spent per phase (embedding the references, measuring the \
+         generated images, the prompts, writing the report)."
     );
 }

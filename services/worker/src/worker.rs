@@ -18,22 +18,13 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
-    artifacts,
     config::{ShutdownMode, WorkerConfig},
-    describe,
     engine::EngineHandle,
     error::StageError,
-    generate, train,
+    evaluators::EvaluatorHandle,
+    stage::{Services, StageContext, StageOutcome},
+    stages,
 };
-
-/// How a stage that did not fail ended.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum StageOutcome {
-    /// Finished; the job moves on.
-    Done,
-    /// Finished, and the job waits for the user's review before it moves on.
-    AwaitReview,
-}
 
 /// Why a running stage was stopped from outside. The first reason wins.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,23 +42,11 @@ pub enum WorkerError {
     Config(String),
 }
 
-/// What the stages of a job share: the queue (every write to the job goes through it, fenced by
-/// the lease), the job store, artifact storage and the VLM client.
-pub struct Context {
-    pub queue: Queue,
-    pub jobs: JobStore,
-    pub store: ArtifactStore,
-    pub vlm: Option<VlmClient>,
-    /// The diffusion engine, loaded on first use.
-    pub engine: Arc<EngineHandle>,
-    pub config: WorkerConfig,
-}
-
 /// A worker. Build it with [`Worker::new`], then [`Worker::run`] it until the shutdown token
 /// fires.
 #[derive(Clone)]
 pub struct Worker {
-    ctx: Arc<Context>,
+    ctx: Arc<Services>,
 }
 
 impl std::fmt::Debug for Worker {
@@ -104,30 +83,25 @@ impl Worker {
         }
         let vlm = config.vlm.config().map(VlmClient::new).transpose()?;
         Ok(Self {
-            ctx: Arc::new(Context {
+            ctx: Arc::new(Services {
                 queue: Queue::new(pool.clone(), config.queue.clone()),
                 jobs: JobStore::new(pool),
                 store,
                 vlm,
-                engine: Arc::new(EngineHandle::new(config.engine.clone())),
+                engine: EngineHandle::new(config.engine.clone()),
+                evaluators: EvaluatorHandle::new(config.evaluate.clone(), config.engine.clone()),
                 config,
             }),
         })
     }
 
     /// Replaces the VLM client built from the configuration (e.g. one with other retry timings).
-    pub fn with_vlm(self, vlm: VlmClient) -> Self {
-        let ctx = &self.ctx;
-        Self {
-            ctx: Arc::new(Context {
-                queue: ctx.queue.clone(),
-                jobs: ctx.jobs.clone(),
-                store: ctx.store.clone(),
-                vlm: Some(vlm),
-                engine: ctx.engine.clone(),
-                config: ctx.config.clone(),
-            }),
-        }
+    /// Call it before [`Worker::run`].
+    pub fn with_vlm(mut self, vlm: VlmClient) -> Self {
+        Arc::get_mut(&mut self.ctx)
+            .expect("with_vlm is called before the worker runs")
+            .vlm = Some(vlm);
+        self
     }
 
     /// This worker's id, recorded as the lease owner of the jobs it holds.
@@ -244,7 +218,7 @@ async fn wait_for_work(
 /// Runs one claimed job until it finishes, waits for review, fails, is canceled, is given back
 /// or its lease is lost. The heartbeat runs inside this future, so aborting the task stops it
 /// too (and the lease then lapses).
-async fn run_job(ctx: &Context, claimed: Claimed, shutdown: &CancellationToken) {
+async fn run_job(ctx: &Services, claimed: Claimed, shutdown: &CancellationToken) {
     let Claimed { lease, job } = claimed;
     let span = tracing::info_span!("job", job_id = %lease.job_id, tenant_id = %lease.tenant_id, epoch = lease.epoch);
     async {
@@ -264,7 +238,7 @@ async fn run_job(ctx: &Context, claimed: Claimed, shutdown: &CancellationToken) 
 /// Renews the lease every heartbeat interval and trips `stop` on a cancel request, a lost
 /// lease, or (in release mode) shutdown. Never returns.
 async fn guard(
-    ctx: &Context,
+    ctx: &Services,
     lease: &Lease,
     stop: &CancellationToken,
     reason: &OnceLock<StopReason>,
@@ -326,13 +300,30 @@ fn following(job: &JobRecord, stage: Stage) -> Option<Stage> {
 }
 
 async fn drive(
-    ctx: &Context,
+    ctx: &Services,
     lease: Lease,
     mut job: JobRecord,
     stop: &CancellationToken,
     reason: &OnceLock<StopReason>,
     shutdown: &CancellationToken,
 ) {
+    // A job that comes back from review: each stage that ran before lets the approval take
+    // effect (describe writes its artifacts from the approved texts) before any later stage.
+    if job.spec.review {
+        for done in job.stages_done.clone() {
+            let Some(runner) = stages::runner(done) else {
+                continue;
+            };
+            let started = Instant::now();
+            let span = tracing::info_span!("stage", job_id = %lease.job_id, stage = done.as_str(), step = "after_review");
+            let cx = StageContext::new(ctx, &job, &lease, done);
+            let settled = guarded(stop, Box::pin(runner.after_review(&cx).instrument(span))).await;
+            if let Err(e) = settled {
+                record_duration(done, e.outcome(), started);
+                return settle(ctx, &lease, Some(done), e, reason).await;
+            }
+        }
+    }
     loop {
         if job.cancel_requested {
             let _ = reason.set(StopReason::Canceled);
@@ -344,20 +335,6 @@ async fn drive(
                 reason,
             )
             .await;
-        }
-        // After review: the artifacts reflect the approved (possibly edited) descriptions.
-        if job.spec.review && job.stages_done.contains(&Stage::Describe) {
-            let started = Instant::now();
-            let span = tracing::info_span!("stage", job_id = %lease.job_id, stage = "describe", step = "artifacts");
-            let written = guarded(
-                stop,
-                Box::pin(finalize_descriptions(ctx, &lease, &job).instrument(span)),
-            )
-            .await;
-            if let Err(e) = written {
-                record_duration(Stage::Describe, e.outcome(), started);
-                return settle(ctx, &lease, Some(Stage::Describe), e, reason).await;
-            }
         }
         let Some(stage) = job.next_stage() else {
             match ctx.queue.succeed(&lease).await {
@@ -373,11 +350,16 @@ async fn drive(
 
         let started = Instant::now();
         let span = tracing::info_span!("stage", job_id = %lease.job_id, stage = stage.as_str());
-        let result = guarded(
-            stop,
-            Box::pin(run_stage(ctx, &lease, &job, stage).instrument(span.clone())),
-        )
-        .await;
+        let result = match stages::runner(stage) {
+            Some(runner) => {
+                let cx = StageContext::new(ctx, &job, &lease, stage);
+                guarded(stop, Box::pin(runner.run(&cx).instrument(span.clone()))).await
+            }
+            None => Err(StageError::permanent(
+                "stage_not_implemented",
+                format!("this worker cannot run the {} stage", stage.as_str()),
+            )),
+        };
         let outcome = match &result {
             Ok(StageOutcome::Done) => "succeeded",
             Ok(StageOutcome::AwaitReview) => "awaiting_review",
@@ -441,40 +423,9 @@ fn record_duration(stage: Stage, outcome: &'static str, started: Instant) {
         .record(started.elapsed().as_secs_f64());
 }
 
-async fn run_stage(
-    ctx: &Context,
-    lease: &Lease,
-    job: &JobRecord,
-    stage: Stage,
-) -> Result<StageOutcome, StageError> {
-    match stage {
-        Stage::Describe => describe::run(ctx, lease, job).await,
-        Stage::Train => train::run(ctx, lease, job).await,
-        Stage::Generate => generate::run(ctx, lease, job).await,
-        other => Err(StageError::permanent(
-            "stage_not_implemented",
-            format!("this worker cannot run the {} stage", other.as_str()),
-        )),
-    }
-}
-
-/// Writes the describe artifacts after approval unless they are there already.
-async fn finalize_descriptions(
-    ctx: &Context,
-    lease: &Lease,
-    job: &JobRecord,
-) -> Result<(), StageError> {
-    let existing = ctx.jobs.artifacts(job.id).await?;
-    let has = |name: &str| existing.iter().any(|a| a.name == name);
-    if has(artifacts::DESCRIPTIONS_JSON) && has(artifacts::CAPTIONS_ZIP) {
-        return Ok(());
-    }
-    artifacts::write_describe_artifacts(&ctx.queue, &ctx.jobs, &ctx.store, lease, job).await
-}
-
 /// Records how a job that stopped running ended.
 async fn settle(
-    ctx: &Context,
+    ctx: &Services,
     lease: &Lease,
     stage: Option<Stage>,
     error: StageError,

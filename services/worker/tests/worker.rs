@@ -9,7 +9,7 @@ use sidbooth_core::JobError;
 use sidbooth_describe::fake::Behaviour;
 use sidbooth_domain::JobStatus;
 use sidbooth_worker::{
-    artifacts::{DescriptionEntry, CAPTIONS_ZIP, DESCRIPTIONS_JSON},
+    stages::describe::{DescriptionEntry, CAPTIONS_ZIP, DESCRIPTIONS_JSON},
     ShutdownMode,
 };
 use support::{photos, spawn, Env};
@@ -638,7 +638,7 @@ async fn an_artifact_refused_by_the_fence_is_deleted_from_storage() {
     assert!(current.epoch > stale.epoch);
 
     let prefix = sidbooth_core::keys::artifact(env.tenant, id, "");
-    let refused = sidbooth_worker::artifacts::store_artifact(
+    let refused = sidbooth_worker::io::store_artifact(
         &queue,
         &env.storage.store,
         &stale,
@@ -659,7 +659,7 @@ async fn an_artifact_refused_by_the_fence_is_deleted_from_storage() {
     assert!(env.jobs.artifacts(id).await.unwrap().is_empty());
 
     // The current owner's write lands, and replaces an earlier object of the same name.
-    sidbooth_worker::artifacts::store_artifact(
+    sidbooth_worker::io::store_artifact(
         &queue,
         &env.storage.store,
         &current,
@@ -681,7 +681,7 @@ async fn an_artifact_refused_by_the_fence_is_deleted_from_storage() {
         .execute(&env.db.pool)
         .await
         .unwrap();
-    sidbooth_worker::artifacts::store_artifact(
+    sidbooth_worker::io::store_artifact(
         &queue,
         &env.storage.store,
         &newer,

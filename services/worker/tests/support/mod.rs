@@ -89,6 +89,7 @@ impl Env {
             queue: queue_settings(),
             vlm: default_vlm_args(),
             engine: Default::default(),
+            evaluate: Default::default(),
             concurrency: 2,
             shutdown_mode: mode,
         }
@@ -128,6 +129,7 @@ impl Env {
                 width,
                 height,
                 bytes: bytes.len() as u64,
+                mask_object_key: None,
             });
         }
         let created = self

@@ -9,39 +9,63 @@
 //!
 //! Descriptions that still fail validation after the client's corrections go to review with the
 //! problem when the job has review on, and fail the job with `description_invalid` otherwise.
+//!
+//! Then each photo gets its subject mask ([`masks`]), so that masks are reviewed with the
+//! descriptions, before training and evaluation use them.
+
+mod captions;
+mod masks;
 
 use std::collections::HashSet;
 
-use bytes::Bytes;
-use futures::StreamExt;
-use sidbooth_core::{ArtifactStore, JobImage, JobRecord, Lease, NewDescription};
+use futures::{future::BoxFuture, StreamExt};
+use sidbooth_core::{JobImage, NewDescription};
 use sidbooth_describe::{
     cache_key, validate_description, DescriptionProblem, DescriptionRules, Outcome, VlmError,
     INSTRUCTION_VERSION,
 };
 use sidbooth_domain::{DescriptionSource, Stage};
 
+pub use captions::{
+    caption_name, captions_zip, descriptions_json, entries, export_name, DescriptionEntry,
+    CAPTIONS_ZIP, DESCRIPTIONS_JSON,
+};
+
 use crate::{
-    artifacts,
     error::StageError,
-    worker::{Context, StageOutcome},
+    stage::{StageContext, StageOutcome, StageRunner},
 };
 
 /// The model name stored for texts the user wrote.
 pub const MANUAL_MODEL: &str = "manual";
 
-/// Reads an input photo from storage. A missing object cannot come back by retrying.
-pub async fn read_photo(store: &ArtifactStore, image: &JobImage) -> Result<Bytes, StageError> {
-    match store.get(&image.object_key).await {
-        Ok(bytes) => Ok(bytes),
-        Err(sidbooth_core::CoreError::NotFound) => Err(StageError::permanent(
-            "input_missing",
-            format!(
-                "photo {} ({}) is missing from storage",
-                image.idx, image.file_name
-            ),
-        )),
-        Err(e) => Err(e.into()),
+pub struct Describe;
+
+impl StageRunner for Describe {
+    fn stage(&self) -> Stage {
+        Stage::Describe
+    }
+
+    fn run<'a>(
+        &'a self,
+        cx: &'a StageContext<'a>,
+    ) -> BoxFuture<'a, Result<StageOutcome, StageError>> {
+        Box::pin(run(cx))
+    }
+
+    /// After approval the artifacts hold the approved (possibly edited) descriptions.
+    fn after_review<'a>(
+        &'a self,
+        cx: &'a StageContext<'a>,
+    ) -> BoxFuture<'a, Result<(), StageError>> {
+        Box::pin(async move {
+            if cx.io.has_artifact(DESCRIPTIONS_JSON).await?
+                && cx.io.has_artifact(CAPTIONS_ZIP).await?
+            {
+                return Ok(());
+            }
+            captions::write(cx).await
+        })
     }
 }
 
@@ -60,7 +84,7 @@ fn invalid(image: &JobImage, problem: &DescriptionProblem) -> StageError {
 }
 
 /// Maps a VLM failure to a stage error, counting it.
-fn vlm_error(e: VlmError) -> StageError {
+pub(crate) fn vlm_error(e: VlmError) -> StageError {
     metrics::counter!("sidbooth_vlm_errors_total", "kind" => e.code()).increment(1);
     if e.is_transient() {
         StageError::transient(e.code(), e.to_string())
@@ -71,22 +95,18 @@ fn vlm_error(e: VlmError) -> StageError {
 
 /// Saves descriptions and reports progress as they come.
 struct Saver<'a> {
-    ctx: &'a Context,
-    lease: &'a Lease,
+    cx: &'a StageContext<'a>,
     described: usize,
     total: usize,
 }
 
 impl Saver<'_> {
     async fn save(&mut self, d: NewDescription) -> Result<(), StageError> {
-        self.ctx.queue.save_description(self.lease, &d).await?;
+        self.cx.queue().save_description(self.cx.lease, &d).await?;
         self.described += 1;
         let progress = self.described as f32 / self.total.max(1) as f32;
-        self.ctx
-            .queue
+        self.cx
             .progress(
-                self.lease,
-                Stage::Describe,
                 progress,
                 serde_json::json!({ "image": d.idx, "described": self.described, "total": self.total }),
             )
@@ -101,29 +121,23 @@ impl Saver<'_> {
     }
 }
 
-/// Runs the stage for a job the worker holds.
-pub async fn run(
-    ctx: &Context,
-    lease: &Lease,
-    job: &JobRecord,
-) -> Result<StageOutcome, StageError> {
-    let spec = &job.spec;
+async fn run(cx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
+    let spec = &cx.job.spec;
     let rules = DescriptionRules::for_spec(spec);
-    let images = ctx.jobs.images(job.id).await?;
+    let images = cx.io.images().await?;
     if images.is_empty() {
         return Err(StageError::permanent("no_images", "the job has no photos"));
     }
-    let saved: HashSet<i32> = ctx
-        .jobs
-        .descriptions(job.id)
+    let saved: HashSet<i32> = cx
+        .io
+        .descriptions()
         .await?
         .into_iter()
         .map(|d| d.idx)
         .collect();
     let pending: Vec<&JobImage> = images.iter().filter(|i| !saved.contains(&i.idx)).collect();
     let mut saver = Saver {
-        ctx,
-        lease,
+        cx,
         described: images.len() - pending.len(),
         total: images.len(),
     };
@@ -173,18 +187,19 @@ pub async fn run(
                 .await?;
         }
     } else {
-        describe_with_vlm(ctx, &rules, spec.review, pending, &mut saver).await?;
+        describe_with_vlm(cx, &rules, spec.review, pending, &mut saver).await?;
     }
+    masks::make(cx, &images).await?;
 
     if spec.review {
         return Ok(StageOutcome::AwaitReview);
     }
-    artifacts::write_describe_artifacts(&ctx.queue, &ctx.jobs, &ctx.store, lease, job).await?;
+    captions::write(cx).await?;
     Ok(StageOutcome::Done)
 }
 
 async fn describe_with_vlm(
-    ctx: &Context,
+    cx: &StageContext<'_>,
     rules: &DescriptionRules,
     review: bool,
     pending: Vec<&JobImage>,
@@ -193,7 +208,7 @@ async fn describe_with_vlm(
     if pending.is_empty() {
         return Ok(());
     }
-    let vlm = ctx.vlm.as_ref().ok_or_else(|| {
+    let vlm = cx.vlm.ok_or_else(|| {
         StageError::permanent(
             "vlm_not_configured",
             "this job needs a vision-language model and none is configured \
@@ -213,7 +228,7 @@ async fn describe_with_vlm(
             &model,
             instruction.version,
         );
-        let cached = ctx.jobs.cached_description(&key).await?;
+        let cached = cx.jobs().cached_description(&key).await?;
         // The key leaves out token and class; validation tells whether the text fits this job.
         match cached
             .and_then(|(text, model)| Some((validate_description(&text, rules).ok()?, model)))
@@ -239,12 +254,8 @@ async fn describe_with_vlm(
         return Ok(());
     }
 
-    let photos = futures::future::try_join_all(
-        to_ask
-            .iter()
-            .map(|(image, _)| read_photo(&ctx.store, image)),
-    )
-    .await?;
+    let photos =
+        futures::future::try_join_all(to_ask.iter().map(|(image, _)| cx.io.photo(image))).await?;
     let mut answers = std::pin::pin!(vlm.describe_stream(&photos, rules));
     while let Some((i, result)) = answers.next().await {
         let (image, key) = &to_ask[i];
@@ -270,7 +281,7 @@ async fn describe_with_vlm(
                     })
                     .await?;
                 // A cache write that fails costs a request next time, nothing more.
-                if let Err(e) = ctx.jobs.cache_description(key, &text, &model).await {
+                if let Err(e) = cx.jobs().cache_description(key, &text, &model).await {
                     tracing::warn!(error = %e, "could not cache a description");
                 }
             }

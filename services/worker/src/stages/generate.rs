@@ -1,33 +1,49 @@
-//! The generate stage: samples the user's prompts with the trained LoRA (DDIM, classifier-free
-//! guidance), one PNG per image with its prompt and seed in PNG text chunks, plus a heatmap of
-//! where the identifier token looks (the paper's cross-attention analysis) when the prompt
-//! contains it.
+//! The generate stage: samples the job's prompts with the trained LoRA (DDIM, classifier-free
+//! guidance), one PNG per image with its prompt and seed in PNG text chunks, plus, when the
+//! prompt contains the identifier, where the identifier token looks (the paper's
+//! cross-attention analysis): the overlay `attention/PP-KK.png` and the averaged map itself,
+//! `attention/PP-KK.npy` (float32, latent resolution), which the evaluate stage measures.
 //!
-//! Image `k` of prompt `p` uses seed `seed + k`, the same for every prompt, so prompts compare
-//! on equal noise. Each image is stored as soon as it exists; a resumed stage skips the images
-//! already stored.
+//! The prompts are the spec's, or the DreamBooth dataset's 25 for the subject's kind. Image `k`
+//! of prompt `p` uses seed `seed + k`, the same for every prompt, so prompts compare on equal
+//! noise. Each image is stored as soon as it exists (its map and overlay first); a resumed
+//! stage skips the images already stored.
 
 use std::sync::Arc;
 
-use sidbooth_core::{JobRecord, Lease};
+use futures::future::BoxFuture;
 use sidbooth_domain::{GenerateSettings, Stage};
 use sidbooth_engine::{
-    attention::overlay_heatmap,
+    attention::{map_to_npy, overlay_heatmap},
     pipeline::{GenerateRequest, StableDiffusion},
     png_text,
 };
 use tokio::sync::mpsc;
 
 use crate::{
-    artifacts::store_artifact,
     engine::{fork, CancelOnDrop},
     error::StageError,
-    train::LORA_SAFETENSORS,
-    worker::{Context, StageOutcome},
+    stage::{StageContext, StageOutcome, StageRunner},
+    stages::train::LORA_SAFETENSORS,
 };
 
 /// Opacity of the attention heatmap over the generated image.
 const HEATMAP_ALPHA: f32 = 0.5;
+
+pub struct Generate;
+
+impl StageRunner for Generate {
+    fn stage(&self) -> Stage {
+        Stage::Generate
+    }
+
+    fn run<'a>(
+        &'a self,
+        cx: &'a StageContext<'a>,
+    ) -> BoxFuture<'a, Result<StageOutcome, StageError>> {
+        Box::pin(run(cx))
+    }
+}
 
 fn engine_error(e: impl std::fmt::Display) -> StageError {
     StageError::permanent("generate_failed", e.to_string())
@@ -41,10 +57,15 @@ pub fn heatmap_name(prompt: usize, k: usize) -> String {
     format!("attention/{prompt:02}-{k:02}.png")
 }
 
-/// One sampled image and, when asked, its attention overlay.
+/// The raw averaged attention map of an image.
+pub fn attention_map_name(prompt: usize, k: usize) -> String {
+    format!("attention/{prompt:02}-{k:02}.npy")
+}
+
+/// One sampled image and, when asked, its attention map and overlay.
 struct Sample {
     image: image::RgbImage,
-    heatmap: Option<image::RgbImage>,
+    attention: Option<(Vec<u8>, image::RgbImage)>,
 }
 
 fn sample(
@@ -61,39 +82,30 @@ fn sample(
         out.images.into_iter().next().ok_or_else(|| {
             sidbooth_engine::Error::Invalid("the pipeline returned no image".into())
         })?;
-    let heatmap = match &out.attention_maps {
-        Some(maps) => Some(overlay_heatmap(&image, &maps.get(0)?, HEATMAP_ALPHA)?),
+    let attention = match &out.attention_maps {
+        Some(maps) => {
+            let map = maps.get(0)?;
+            Some((
+                map_to_npy(&map)?,
+                overlay_heatmap(&image, &map, HEATMAP_ALPHA)?,
+            ))
+        }
         None => None,
     };
-    Ok(Sample { image, heatmap })
+    Ok(Sample { image, attention })
 }
 
-#[tracing::instrument(skip_all, fields(job_id = %job.id))]
-pub async fn run(
-    ctx: &Context,
-    lease: &Lease,
-    job: &JobRecord,
-) -> Result<StageOutcome, StageError> {
+#[tracing::instrument(skip_all, fields(job_id = %cx.job.id))]
+async fn run(cx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
+    let job = cx.job;
     let settings: GenerateSettings = job.spec.generate.clone().unwrap_or_default();
-    let artifacts = ctx.jobs.artifacts(job.id).await?;
-    let stored = |name: &str| artifacts.iter().any(|a| a.name == name);
-    // An object a resumed stage replaces (a heatmap stored before its image was).
-    let previous_key = |name: &str| {
-        artifacts
-            .iter()
-            .find(|a| a.name == name)
-            .map(|a| a.object_key.clone())
-    };
+    let prompts = job.spec.prompts();
 
     // The base model with the job's LoRA attached.
-    let base = ctx.engine.base().await?;
-    let lora = artifacts
-        .iter()
-        .find(|a| a.name == LORA_SAFETENSORS)
-        .ok_or_else(|| {
-            StageError::permanent("weights_missing", "the trained LoRA weights are missing")
-        })?;
-    let lora_bytes = ctx.store.get(&lora.object_key).await?;
+    let base = cx.engine.base().await?;
+    let lora_bytes = cx.io.artifact(LORA_SAFETENSORS).await?.ok_or_else(|| {
+        StageError::permanent("weights_missing", "the trained LoRA weights are missing")
+    })?;
     let workdir =
         tempfile::tempdir().map_err(|e| StageError::transient("workdir", e.to_string()))?;
     let lora_path = workdir.path().join(LORA_SAFETENSORS);
@@ -110,14 +122,14 @@ pub async fn run(
 
     let token = job.spec.token.to_string();
     let per_prompt = settings.images_per_prompt as usize;
-    let total = settings.prompts.len() * per_prompt;
+    let total = prompts.len() * per_prompt;
     let steps = settings.steps as usize;
     let cancel = CancelOnDrop::new();
     let mut done = 0usize;
-    for (p, prompt) in settings.prompts.iter().enumerate() {
+    for (p, prompt) in prompts.iter().enumerate() {
         for k in 0..per_prompt {
             let name = image_name(p, k);
-            if stored(&name) {
+            if cx.io.has_artifact(&name).await? {
                 done += 1;
                 continue;
             }
@@ -142,14 +154,11 @@ pub async fn run(
                 let progress =
                     (done as f32 + step as f32 / steps.max(1) as f32) / total.max(1) as f32;
                 if step == steps || step % 10 == 0 {
-                    ctx.queue
-                        .progress(
-                            lease,
-                            Stage::Generate,
-                            progress,
-                            serde_json::json!({"image": done, "total": total, "step": step, "steps": steps}),
-                        )
-                        .await?;
+                    cx.progress(
+                        progress,
+                        serde_json::json!({"image": done, "total": total, "step": step, "steps": steps}),
+                    )
+                    .await?;
                 }
             }
             let sampled = match work
@@ -170,37 +179,25 @@ pub async fn run(
                 ("steps", steps.to_string()),
                 ("guidance_scale", settings.guidance_scale.to_string()),
                 ("sampler", "DDIM".to_owned()),
-                ("base_model", ctx.engine.args().model_name()),
+                ("base_model", cx.engine.args().model_name()),
                 ("lora", LORA_SAFETENSORS.to_owned()),
                 ("job_id", job.id.to_string()),
             ];
-            if let Some(heatmap) = &sampled.heatmap {
+            if let Some((map, overlay)) = &sampled.attention {
+                cx.io
+                    .store(
+                        &attention_map_name(p, k),
+                        "application/octet-stream",
+                        map.clone(),
+                    )
+                    .await?;
                 let mut text = text.to_vec();
                 text.push(("attention_token", token.clone()));
-                let bytes = png_text::encode(heatmap, &text).map_err(engine_error)?;
-                let heatmap = heatmap_name(p, k);
-                store_artifact(
-                    &ctx.queue,
-                    &ctx.store,
-                    lease,
-                    previous_key(&heatmap).as_deref(),
-                    &heatmap,
-                    "image/png",
-                    bytes,
-                )
-                .await?;
+                let bytes = png_text::encode(overlay, &text).map_err(engine_error)?;
+                cx.io.store(&heatmap_name(p, k), "image/png", bytes).await?;
             }
             let bytes = png_text::encode(&sampled.image, &text).map_err(engine_error)?;
-            store_artifact(
-                &ctx.queue,
-                &ctx.store,
-                lease,
-                None,
-                &name,
-                "image/png",
-                bytes,
-            )
-            .await?;
+            cx.io.store(&name, "image/png", bytes).await?;
             done += 1;
         }
     }

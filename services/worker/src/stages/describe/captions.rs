@@ -5,22 +5,16 @@
 //! * `captions.zip`: each image beside a same-named `.txt` holding its description
 //!   (`00-photo.jpg` + `00-photo.txt`), the layout kohya sd-scripts, ai-toolkit and the
 //!   diffusers training scripts read.
-//!
-//! Objects are written under `keys::artifact` with the lease epoch in the name, so that a worker
-//! that lost its lease never overwrites or deletes what the worker that took over wrote.
 
 use std::io::{Cursor, Write};
 
 use bytes::Bytes;
 use serde::Serialize;
-use sha2::{Digest, Sha256};
-use sidbooth_core::{
-    keys, ArtifactStore, Description, JobImage, JobRecord, Lease, NewArtifact, Queue,
-};
+use sidbooth_core::{Description, JobImage};
 use sidbooth_domain::DescriptionCase;
 use zip::{write::SimpleFileOptions, CompressionMethod, ZipWriter};
 
-use crate::error::StageError;
+use crate::{error::StageError, stage::StageContext};
 
 pub const DESCRIPTIONS_JSON: &str = "descriptions.json";
 pub const CAPTIONS_ZIP: &str = "captions.zip";
@@ -137,62 +131,15 @@ pub fn captions_zip(entries: &[DescriptionEntry], photos: &[Bytes]) -> Result<Ve
     Ok(zip.finish().map_err(err)?.into_inner())
 }
 
-/// Uploads one artifact and records it, fenced by the lease. When the record is refused (the
-/// lease was lost) the object is deleted again; when it replaces an earlier object of the same
-/// name, that one is deleted.
-pub async fn store_artifact(
-    queue: &Queue,
-    store: &ArtifactStore,
-    lease: &Lease,
-    previous_key: Option<&str>,
-    name: &str,
-    content_type: &str,
-    body: Vec<u8>,
-) -> Result<(), StageError> {
-    let object_key = keys::artifact(
-        lease.tenant_id,
-        lease.job_id,
-        &format!("e{}/{name}", lease.epoch),
-    );
-    let artifact = NewArtifact {
-        name: name.to_owned(),
-        object_key: object_key.clone(),
-        content_type: content_type.to_owned(),
-        size: body.len() as i64,
-        sha256: hex::encode(Sha256::digest(&body)),
-    };
-    store
-        .put(&object_key, Bytes::from(body), content_type)
-        .await?;
-    if let Err(e) = queue.record_artifact(lease, &artifact).await {
-        if let Err(delete) = store.delete(&object_key).await {
-            tracing::warn!(%object_key, error = %delete, "could not delete an unrecorded artifact");
-        }
-        return Err(e.into());
-    }
-    if let Some(previous) = previous_key.filter(|k| *k != object_key) {
-        if let Err(e) = store.delete(previous).await {
-            tracing::warn!(object_key = %previous, error = %e, "could not delete a replaced artifact");
-        }
-    }
-    Ok(())
-}
-
-/// Builds and stores both artifacts of the describe stage from the descriptions as they stand.
-#[tracing::instrument(skip_all, fields(job_id = %lease.job_id))]
-pub async fn write_describe_artifacts(
-    queue: &Queue,
-    jobs: &sidbooth_core::JobStore,
-    store: &ArtifactStore,
-    lease: &Lease,
-    job: &JobRecord,
-) -> Result<(), StageError> {
-    let images = jobs.images(job.id).await?;
-    let descriptions = jobs.descriptions(job.id).await?;
+/// Builds and stores both artifacts from the descriptions as they stand.
+#[tracing::instrument(skip_all, fields(job_id = %cx.lease.job_id))]
+pub async fn write(cx: &StageContext<'_>) -> Result<(), StageError> {
+    let images = cx.io.images().await?;
+    let descriptions = cx.io.descriptions().await?;
     let entries = entries(&images, &descriptions)?;
     let mut photos = Vec::with_capacity(images.len());
     for image in &images {
-        photos.push(crate::describe::read_photo(store, image).await?);
+        photos.push(cx.io.photo(image).await?);
     }
     let (json, zip) = tokio::task::spawn_blocking(move || {
         Ok::<_, StageError>((
@@ -202,35 +149,10 @@ pub async fn write_describe_artifacts(
     })
     .await
     .map_err(|e| StageError::permanent("artifact_error", e.to_string()))??;
-
-    let existing = jobs.artifacts(job.id).await?;
-    let previous = |name: &str| {
-        existing
-            .iter()
-            .find(|a| a.name == name)
-            .map(|a| a.object_key.clone())
-    };
-    store_artifact(
-        queue,
-        store,
-        lease,
-        previous(DESCRIPTIONS_JSON).as_deref(),
-        DESCRIPTIONS_JSON,
-        "application/json",
-        json,
-    )
-    .await?;
-    store_artifact(
-        queue,
-        store,
-        lease,
-        previous(CAPTIONS_ZIP).as_deref(),
-        CAPTIONS_ZIP,
-        "application/zip",
-        zip,
-    )
-    .await?;
-    Ok(())
+    cx.io
+        .store(DESCRIPTIONS_JSON, "application/json", json)
+        .await?;
+    cx.io.store(CAPTIONS_ZIP, "application/zip", zip).await
 }
 
 #[cfg(test)]
@@ -248,6 +170,7 @@ mod tests {
             width: 1,
             height: 1,
             bytes: 1,
+            mask_object_key: None,
         }
     }
 

@@ -12,7 +12,7 @@ use std::{
 };
 
 use bytes::Bytes;
-use sidbooth_core::{keys, CoreError, JobRecord, Lease};
+use futures::future::BoxFuture;
 use sidbooth_domain::{Stage, TrainMethod};
 use sidbooth_engine::train::{
     self,
@@ -26,12 +26,25 @@ use sidbooth_engine::train::{
 use tokio::sync::mpsc;
 
 use crate::{
-    artifacts::store_artifact,
-    describe::read_photo,
     engine::CancelOnDrop,
     error::StageError,
-    worker::{Context, StageOutcome},
+    stage::{StageContext, StageOutcome, StageRunner},
 };
+
+pub struct Train;
+
+impl StageRunner for Train {
+    fn stage(&self) -> Stage {
+        Stage::Train
+    }
+
+    fn run<'a>(
+        &'a self,
+        cx: &'a StageContext<'a>,
+    ) -> BoxFuture<'a, Result<StageOutcome, StageError>> {
+        Box::pin(run(cx))
+    }
+}
 
 pub const LORA_SAFETENSORS: &str = "lora.safetensors";
 pub const TRAINING_JSON: &str = "training.json";
@@ -49,33 +62,36 @@ fn engine_error(e: impl std::fmt::Display) -> StageError {
     StageError::permanent("train_failed", e.to_string())
 }
 
-fn latest_key(lease: &Lease) -> String {
-    keys::work(lease.tenant_id, lease.job_id, "train/latest")
-}
+/// Resumable state under the job's `work/` prefix: checkpoint directories and a pointer to the
+/// newest.
+const LATEST: &str = "train/latest";
 
-fn checkpoint_key(lease: &Lease, dir_name: &str, file: &str) -> String {
-    keys::work(
-        lease.tenant_id,
-        lease.job_id,
-        &format!("train/{dir_name}/{file}"),
-    )
+fn checkpoint_name(dir_name: &str, file: &str) -> String {
+    format!("train/{dir_name}/{file}")
 }
 
 /// Downloads the checkpoint the `latest` pointer names into `root`, if there is one.
 async fn restore_checkpoint(
-    ctx: &Context,
-    lease: &Lease,
+    cx: &StageContext<'_>,
     root: &Path,
 ) -> Result<Option<String>, StageError> {
-    let name = match ctx.store.get(&latest_key(lease)).await {
-        Ok(bytes) => String::from_utf8_lossy(&bytes).trim().to_owned(),
-        Err(CoreError::NotFound) => return Ok(None),
-        Err(e) => return Err(e.into()),
+    let Some(pointer) = cx.io.work(LATEST).await? else {
+        return Ok(None);
     };
+    let name = String::from_utf8_lossy(&pointer).trim().to_owned();
     let dir = root.join(&name);
     std::fs::create_dir_all(&dir).map_err(|e| StageError::transient("workdir", e.to_string()))?;
     for file in CHECKPOINT_FILES {
-        let bytes = ctx.store.get(&checkpoint_key(lease, &name, file)).await?;
+        let bytes = cx
+            .io
+            .work(&checkpoint_name(&name, file))
+            .await?
+            .ok_or_else(|| {
+                StageError::permanent(
+                    "checkpoint_missing",
+                    format!("checkpoint {name} lacks {file}"),
+                )
+            })?;
         std::fs::write(dir.join(file), &bytes)
             .map_err(|e| StageError::transient("workdir", e.to_string()))?;
     }
@@ -83,7 +99,7 @@ async fn restore_checkpoint(
 }
 
 /// Uploads a checkpoint directory, then moves the `latest` pointer to it.
-async fn upload_checkpoint(ctx: &Context, lease: &Lease, dir: &Path) -> Result<(), StageError> {
+async fn upload_checkpoint(cx: &StageContext<'_>, dir: &Path) -> Result<(), StageError> {
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -91,26 +107,16 @@ async fn upload_checkpoint(ctx: &Context, lease: &Lease, dir: &Path) -> Result<(
     for file in CHECKPOINT_FILES {
         let bytes = std::fs::read(dir.join(file))
             .map_err(|e| StageError::transient("workdir", e.to_string()))?;
-        ctx.store
-            .put(
-                &checkpoint_key(lease, &name, file),
-                Bytes::from(bytes),
-                "application/octet-stream",
-            )
+        cx.io
+            .put_work(&checkpoint_name(&name, file), Bytes::from(bytes))
             .await?;
     }
-    ctx.store
-        .put(&latest_key(lease), Bytes::from(name), "text/plain")
-        .await?;
-    Ok(())
+    cx.io.put_work(LATEST, Bytes::from(name)).await
 }
 
-#[tracing::instrument(skip_all, fields(job_id = %job.id))]
-pub async fn run(
-    ctx: &Context,
-    lease: &Lease,
-    job: &JobRecord,
-) -> Result<StageOutcome, StageError> {
+#[tracing::instrument(skip_all, fields(job_id = %cx.job.id))]
+async fn run(cx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
+    let job = cx.job;
     let settings = job.spec.train.clone().unwrap_or_default();
     if settings.method != TrainMethod::Lora {
         return Err(StageError::permanent(
@@ -121,11 +127,11 @@ pub async fn run(
             ),
         ));
     }
-    let engine = ctx.engine.base().await?;
+    let engine = cx.engine.base().await?;
 
     // Photos with their descriptions, in upload order.
-    let images = ctx.jobs.images(job.id).await?;
-    let descriptions = ctx.jobs.descriptions(job.id).await?;
+    let images = cx.io.images().await?;
+    let descriptions = cx.io.descriptions().await?;
     if descriptions.len() != images.len() || descriptions.iter().any(|d| d.problem.is_some()) {
         return Err(StageError::permanent(
             "descriptions_missing",
@@ -134,7 +140,7 @@ pub async fn run(
     }
     let mut photos = Vec::with_capacity(images.len());
     for (image, description) in images.iter().zip(&descriptions) {
-        let bytes = read_photo(&ctx.store, image).await?;
+        let bytes = cx.io.photo(image).await?;
         let decoded = image::load_from_memory(&bytes).map_err(|e| {
             StageError::permanent("input_unreadable", format!("{}: {e}", image.file_name))
         })?;
@@ -147,7 +153,7 @@ pub async fn run(
     let workdir =
         tempfile::tempdir().map_err(|e| StageError::transient("workdir", e.to_string()))?;
     let checkpoints = workdir.path().join("checkpoints");
-    let resumed_from = restore_checkpoint(ctx, lease, &checkpoints).await?;
+    let resumed_from = restore_checkpoint(cx, &checkpoints).await?;
     if let Some(name) = &resumed_from {
         tracing::info!(checkpoint = %name, "resuming training");
     }
@@ -164,7 +170,7 @@ pub async fn run(
         }),
         photos,
         ExportInfo {
-            base_model: ctx.engine.args().model_name(),
+            base_model: cx.engine.args().model_name(),
             token: spec.token.to_string(),
             class: spec.subject_class.to_string(),
             description_case: spec.descriptions.case.as_str().to_owned(),
@@ -176,7 +182,7 @@ pub async fn run(
         seed: settings.seed,
         max_steps,
         lr: LrSchedule::constant(settings.learning_rate),
-        checkpoint_every: ctx.engine.args().checkpoint_every.min(max_steps.max(1)),
+        checkpoint_every: cx.engine.args().checkpoint_every.min(max_steps.max(1)),
         checkpoint_dir: Some(checkpoints.clone()),
         keep_checkpoints: 3,
         resume: Resume::Latest,
@@ -220,23 +226,20 @@ pub async fn run(
                 let last = report.step == report.max_steps;
                 if last || last_report.elapsed() >= PROGRESS_EVERY {
                     last_report = Instant::now();
-                    ctx.queue
-                        .progress(
-                            lease,
-                            Stage::Train,
-                            report.step as f32 / report.max_steps.max(1) as f32,
-                            serde_json::json!({
-                                "step": report.step,
-                                "max_steps": report.max_steps,
-                                "loss": report.loss,
-                                "lr": report.lr,
-                            }),
-                        )
-                        .await?;
+                    cx.progress(
+                        report.step as f32 / report.max_steps.max(1) as f32,
+                        serde_json::json!({
+                            "step": report.step,
+                            "max_steps": report.max_steps,
+                            "loss": report.loss,
+                            "lr": report.lr,
+                        }),
+                    )
+                    .await?;
                 }
             }
             EngineEvent::Checkpoint(step, dir) => {
-                upload_checkpoint(ctx, lease, &dir).await?;
+                upload_checkpoint(cx, &dir).await?;
                 tracing::debug!(step, "checkpoint stored");
             }
         }
@@ -255,26 +258,12 @@ pub async fn run(
 
     let weights =
         std::fs::read(&output).map_err(|e| StageError::transient("workdir", e.to_string()))?;
-    let previous = ctx.jobs.artifacts(job.id).await?;
-    let previous_key = |name: &str| {
-        previous
-            .iter()
-            .find(|a| a.name == name)
-            .map(|a| a.object_key.clone())
-    };
-    store_artifact(
-        &ctx.queue,
-        &ctx.store,
-        lease,
-        previous_key(LORA_SAFETENSORS).as_deref(),
-        LORA_SAFETENSORS,
-        "application/octet-stream",
-        weights,
-    )
-    .await?;
+    cx.io
+        .store(LORA_SAFETENSORS, "application/octet-stream", weights)
+        .await?;
     let summary = serde_json::json!({
         "method": "lora",
-        "base_model": ctx.engine.args().model_name(),
+        "base_model": cx.engine.args().model_name(),
         "steps": steps,
         "resolution": resolution,
         "resumed_from": resumed_from,
@@ -282,15 +271,12 @@ pub async fn run(
         "losses": losses,
         "settings": settings,
     });
-    store_artifact(
-        &ctx.queue,
-        &ctx.store,
-        lease,
-        previous_key(TRAINING_JSON).as_deref(),
-        TRAINING_JSON,
-        "application/json",
-        serde_json::to_vec_pretty(&summary).map_err(engine_error)?,
-    )
-    .await?;
+    cx.io
+        .store(
+            TRAINING_JSON,
+            "application/json",
+            serde_json::to_vec_pretty(&summary).map_err(engine_error)?,
+        )
+        .await?;
     Ok(StageOutcome::Done)
 }
