@@ -4,61 +4,10 @@
 
 use std::{
     collections::HashMap,
-    path::PathBuf,
-    process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
 
-use sidbooth_e2e::{dataset_photos, Stack};
-
-/// The `sidbooth-worker` binary of this build, beside the test executable's folder.
-fn worker_binary() -> PathBuf {
-    let exe = std::env::current_exe().unwrap();
-    let dir = exe.parent().unwrap().parent().unwrap();
-    let binary = dir.join("sidbooth-worker");
-    assert!(
-        binary.is_file(),
-        "{} is missing: build it with `cargo build --bin sidbooth-worker` \
-         (`cargo nextest run --workspace` builds it)",
-        binary.display()
-    );
-    binary
-}
-
-fn spawn_worker_process(stack: &Stack) -> Child {
-    let storage = &stack.storage.args;
-    Command::new(worker_binary())
-        .env_clear()
-        .env("PATH", std::env::var("PATH").unwrap_or_default())
-        .env("RUST_LOG", "warn")
-        .env("DATABASE_URL", &stack.db.url)
-        .env(
-            "SIDBOOTH_S3_ENDPOINT",
-            storage.s3_endpoint.as_ref().unwrap(),
-        )
-        .env("SIDBOOTH_S3_BUCKET", &storage.s3_bucket)
-        .env("SIDBOOTH_S3_REGION", &storage.s3_region)
-        .env(
-            "AWS_ACCESS_KEY_ID",
-            sidbooth_core::testing::TestStorage::ACCESS_KEY,
-        )
-        .env(
-            "AWS_SECRET_ACCESS_KEY",
-            sidbooth_core::testing::TestStorage::SECRET_KEY,
-        )
-        .env("AWS_EC2_METADATA_DISABLED", "true")
-        .env("SIDBOOTH_VLM_BASE_URL", stack.vlm.base_url())
-        .env("SIDBOOTH_VLM_API_KEY", "vlm-test-key")
-        .env("SIDBOOTH_VLM_MODEL", "fake-gpt")
-        .env("SIDBOOTH_VLM_CONCURRENCY", "1")
-        .env("SIDBOOTH_LEASE_SECS", "2")
-        .env("SIDBOOTH_HEARTBEAT_SECS", "0.2")
-        .env("SIDBOOTH_POLL_SECS", "0.2")
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start sidbooth-worker")
-}
+use sidbooth_e2e::{dataset_photos, process::WorkerProcess, Stack};
 
 async fn saved_descriptions(stack: &Stack, id: uuid::Uuid) -> HashMap<i32, (String, String)> {
     // updated_at as Postgres prints it: equal text means the row was not rewritten.
@@ -87,14 +36,14 @@ async fn a_killed_worker_is_taken_over_without_losing_or_repeating_work() {
         .await;
     let id: uuid::Uuid = job["id"].as_str().unwrap().parse().unwrap();
 
-    let mut child = spawn_worker_process(&stack);
+    let mut child = WorkerProcess::spawn(&stack, &[]);
     let started = Instant::now();
     let before_kill = loop {
         let saved = saved_descriptions(&stack, id).await;
         if saved.len() >= 2 {
             break saved;
         }
-        if let Some(status) = child.try_wait().unwrap() {
+        if let Some(status) = child.exited() {
             panic!("worker exited early with {status}");
         }
         assert!(
@@ -103,8 +52,7 @@ async fn a_killed_worker_is_taken_over_without_losing_or_repeating_work() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
-    child.kill().unwrap(); // SIGKILL: no chance to release the lease
-    child.wait().unwrap();
+    child.kill(); // SIGKILL: no chance to release the lease
     assert!(before_kill.len() < 5, "killed before the stage finished");
     let job = stack.job(&id.to_string()).await;
     assert_eq!(

@@ -1,6 +1,8 @@
 //! The whole service for end-to-end tests: a database of its own, s3s-fs on a temporary
 //! folder, the fake VLM, the API served on a free port, and workers.
 
+pub mod browser;
+
 use std::{
     path::PathBuf,
     time::{Duration, Instant},
@@ -14,6 +16,8 @@ use sidbooth_describe::fake::FakeVlm;
 use sidbooth_worker::{Worker, WorkerConfig};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
+
+pub mod process;
 
 /// Photos from the shared DreamBooth folder beside the checkout.
 pub fn dataset_photos(subject: &str, count: usize) -> Vec<(String, Vec<u8>)> {
@@ -146,6 +150,16 @@ impl Stack {
         spec: serde_json::Value,
         photos: &[(String, Vec<u8>)],
     ) -> serde_json::Value {
+        self.submit_with_masks(spec, photos, &[]).await
+    }
+
+    /// POST /v1/jobs with a spec, photos and subject masks (`masks` parts, PNG).
+    pub async fn submit_with_masks(
+        &self,
+        spec: serde_json::Value,
+        photos: &[(String, Vec<u8>)],
+        masks: &[(String, Vec<u8>)],
+    ) -> serde_json::Value {
         let mut form = reqwest::multipart::Form::new().part(
             "spec",
             reqwest::multipart::Part::text(spec.to_string())
@@ -158,6 +172,15 @@ impl Stack {
                 reqwest::multipart::Part::bytes(bytes.clone())
                     .file_name(name.clone())
                     .mime_str("image/jpeg")
+                    .unwrap(),
+            );
+        }
+        for (name, bytes) in masks {
+            form = form.part(
+                "masks",
+                reqwest::multipart::Part::bytes(bytes.clone())
+                    .file_name(name.clone())
+                    .mime_str("image/png")
                     .unwrap(),
             );
         }

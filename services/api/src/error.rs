@@ -14,6 +14,10 @@ use sidbooth_core::CoreError;
 use sidbooth_domain::{SpecError, TextError};
 use utoipa::ToSchema;
 
+/// `Retry-After` of a 503 `unavailable`: long enough for a restarted database to accept
+/// connections again.
+const UNAVAILABLE_RETRY_AFTER_SECS: &str = "5";
+
 /// Base of every problem type URI.
 pub const PROBLEM_BASE: &str = "https://sidbooth.dev/problems/";
 
@@ -120,6 +124,23 @@ pub mod kinds {
         S::UNPROCESSABLE_ENTITY,
         "Image dimensions too large",
     );
+    pub const INVALID_MASK: ProblemKind = ProblemKind::new(
+        "invalid-mask",
+        S::UNPROCESSABLE_ENTITY,
+        "Invalid subject mask",
+    );
+    pub const NO_REPORT: ProblemKind =
+        ProblemKind::new("no-report", S::NOT_FOUND, "The job has no report (yet)");
+    pub const NOT_ACCEPTABLE: ProblemKind = ProblemKind::new(
+        "not-acceptable",
+        S::NOT_ACCEPTABLE,
+        "None of the accepted media types can be served",
+    );
+    pub const UNAVAILABLE: ProblemKind = ProblemKind::new(
+        "unavailable",
+        S::SERVICE_UNAVAILABLE,
+        "The database or storage is unavailable; try again shortly",
+    );
     pub const NOT_READY: ProblemKind = ProblemKind::new(
         "not-ready",
         S::SERVICE_UNAVAILABLE,
@@ -132,7 +153,7 @@ pub mod kinds {
     );
 
     /// Every kind, for documentation and tests.
-    pub const ALL: [ProblemKind; 21] = [
+    pub const ALL: [ProblemKind; 25] = [
         UNAUTHORIZED,
         NOT_FOUND,
         METHOD_NOT_ALLOWED,
@@ -152,6 +173,10 @@ pub mod kinds {
         UNSUPPORTED_IMAGE_TYPE,
         CORRUPT_IMAGE,
         IMAGE_TOO_LARGE,
+        INVALID_MASK,
+        NO_REPORT,
+        NOT_ACCEPTABLE,
+        UNAVAILABLE,
         NOT_READY,
         INTERNAL,
     ];
@@ -229,6 +254,15 @@ pub enum ApiError {
         height: u32,
         max_mp: f64,
     },
+    #[error("{}: {}", .0.pointer, .0.message)]
+    InvalidMask(FieldError),
+    #[error("{0}")]
+    NoReport(String),
+    #[error("{0}")]
+    NotAcceptable(String),
+    /// Postgres or storage did not answer; nothing was changed.
+    #[error("{0} is unavailable")]
+    Unavailable(&'static str),
     #[error("not ready: {}", .0.join("; "))]
     NotReady(Vec<String>),
     #[error("internal error: {0}")]
@@ -259,6 +293,10 @@ impl ApiError {
             ApiError::UnsupportedImageType { .. } => UNSUPPORTED_IMAGE_TYPE,
             ApiError::CorruptImage { .. } => CORRUPT_IMAGE,
             ApiError::ImageTooLarge { .. } => IMAGE_TOO_LARGE,
+            ApiError::InvalidMask(_) => INVALID_MASK,
+            ApiError::NoReport(_) => NO_REPORT,
+            ApiError::NotAcceptable(_) => NOT_ACCEPTABLE,
+            ApiError::Unavailable(_) => UNAVAILABLE,
             ApiError::NotReady(_) => NOT_READY,
             ApiError::Internal(_) => INTERNAL,
         }
@@ -273,6 +311,7 @@ impl ApiError {
         };
         let errors = match self {
             ApiError::InvalidDescriptions(errors) => errors.clone(),
+            ApiError::InvalidMask(error) => vec![error.clone()],
             _ => Vec::new(),
         };
         Problem {
@@ -299,6 +338,12 @@ impl IntoResponse for ApiError {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/problem+json"),
         );
+        if kind == kinds::UNAVAILABLE {
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from_static(UNAVAILABLE_RETRY_AFTER_SECS),
+            );
+        }
         if kind == kinds::UNAUTHORIZED {
             headers.insert(
                 header::WWW_AUTHENTICATE,
@@ -315,6 +360,14 @@ impl From<CoreError> for ApiError {
             CoreError::NotFound => ApiError::NotFound,
             CoreError::Conflict(message) => ApiError::Conflict(message),
             CoreError::IdempotencyMismatch => ApiError::IdempotencyKeyReused,
+            ref other if other.is_unavailable() => {
+                tracing::warn!(error = %other, "a dependency is unavailable");
+                ApiError::Unavailable(if matches!(other, CoreError::Storage(_)) {
+                    "storage"
+                } else {
+                    "the database"
+                })
+            }
             other => ApiError::Internal(other.to_string()),
         }
     }

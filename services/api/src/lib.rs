@@ -12,6 +12,7 @@ pub mod config;
 pub mod error;
 mod events;
 pub mod handlers;
+mod key_cache;
 pub mod metrics;
 pub mod model;
 pub mod openapi;

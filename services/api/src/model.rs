@@ -2,8 +2,8 @@
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};
-use sidbooth_core::{Description, JobRecord};
-use sidbooth_domain::{DescriptionCase, JobSpec, JobStatus, Stage};
+use sidbooth_core::{Description, JobRecord, JobWarning, SubjectMask};
+use sidbooth_domain::{report::MaskSource, DescriptionCase, JobSpec, JobStatus, Stage};
 use utoipa::ToSchema;
 use uuid::Uuid;
 
@@ -24,6 +24,9 @@ pub struct Job {
     /// Tries of the current stage so far.
     pub attempts: i32,
     pub error: Option<JobErrorBody>,
+    /// What the job wants you to know without failing: no subject masks could be made, a
+    /// description is cut by the text encoder, ...
+    pub warnings: Vec<WarningBody>,
     /// The spec as accepted, normalised (defaults filled in, class lower-cased, manual texts
     /// repaired).
     pub spec: JobSpec,
@@ -51,6 +54,7 @@ impl Job {
                 message: e.message,
                 stage: e.stage,
             }),
+            warnings: record.warnings.into_iter().map(WarningBody::from).collect(),
             spec: record.spec,
             image_count: record.image_count,
             images,
@@ -70,6 +74,25 @@ pub struct JobErrorBody {
     pub stage: Option<Stage>,
 }
 
+/// Something a stage wants the user to know without failing the job.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WarningBody {
+    /// Stable machine-readable code, e.g. `masks_unavailable`.
+    pub code: String,
+    pub message: String,
+    pub stage: Stage,
+}
+
+impl From<JobWarning> for WarningBody {
+    fn from(w: JobWarning) -> Self {
+        Self {
+            code: w.code,
+            message: w.message,
+            stage: w.stage,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct JobLinks {
     #[serde(rename = "self")]
@@ -77,6 +100,8 @@ pub struct JobLinks {
     pub events: String,
     pub artifacts: String,
     pub descriptions: String,
+    /// `report.json`, or `report.html` with `Accept: text/html`, once the evaluate stage ran.
+    pub report: String,
 }
 
 impl JobLinks {
@@ -86,6 +111,7 @@ impl JobLinks {
             events: format!("{base}/events"),
             artifacts: format!("{base}/artifacts"),
             descriptions: format!("{base}/descriptions"),
+            report: format!("{base}/report"),
             self_: base,
         }
     }
@@ -109,6 +135,11 @@ pub struct CreateJobForm {
     /// 1 to 7 photos, JPEG, PNG or WebP, each at most 20 MiB.
     #[schema(value_type = Vec<String>, format = Binary, content_media_type = "application/octet-stream")]
     pub images: Vec<Vec<u8>>,
+    /// Optional subject masks: none, or one PNG per photo named with its photo's file stem
+    /// (`00.png` for `00.jpg`), white = subject, black = the rest, the photo's shape (any
+    /// resolution). Without them, masks are made during describe when the worker has SAM.
+    #[schema(value_type = Option<Vec<String>>, format = Binary, content_media_type = "image/png")]
+    pub masks: Option<Vec<Vec<u8>>>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
@@ -126,12 +157,56 @@ pub struct DescriptionBody {
     pub problem: Option<serde_json::Value>,
     /// Whether a user edited the text.
     pub edited: bool,
+    /// CLIP tokens of the text, start and end tokens included.
+    pub tokens: u32,
+    /// What the text encoder reads; anything after that never trains.
+    pub token_limit: u32,
+    /// The words the text encoder does not read, when the text is longer than `token_limit`.
+    pub cut: Option<String>,
+    /// The photo's subject mask, once describe made it (or it was uploaded).
+    pub mask: Option<MaskBody>,
     pub updated_at: DateTime<Utc>,
 }
 
-impl DescriptionBody {
-    pub fn new(d: Description, file_name: String) -> Self {
+/// A photo's subject mask.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct MaskBody {
+    /// The artifact name, `masks/00.png`.
+    pub artifact: String,
+    /// A presigned GET URL of the PNG (white = subject).
+    pub url: Option<String>,
+    pub source: MaskSource,
+    /// The box SAM was prompted with, in pixels of the photo: `[x0, y0, x1, y1]`.
+    pub prompt_box: Option<Vec<f32>>,
+    /// Share of the photo the mask covers.
+    pub coverage: f32,
+    pub updated_at: DateTime<Utc>,
+    /// Where to `PUT` a replacement PNG while the job awaits review.
+    pub replace: String,
+}
+
+impl MaskBody {
+    pub fn new(job_id: Uuid, mask: SubjectMask, url: Option<String>) -> Self {
         Self {
+            artifact: sidbooth_core::mask_artifact_name(mask.idx),
+            url,
+            source: mask.source,
+            prompt_box: mask.prompt_box.map(|b| b.to_vec()),
+            coverage: mask.coverage,
+            updated_at: mask.updated_at,
+            replace: format!("{}/masks/{}", job_path(job_id), mask.idx),
+        }
+    }
+}
+
+impl DescriptionBody {
+    pub fn new(d: Description, file_name: String, mask: Option<MaskBody>) -> Self {
+        let count = sidbooth_tokenizer::count_tokens(&d.text);
+        Self {
+            tokens: count.tokens as u32,
+            token_limit: sidbooth_tokenizer::CONTEXT_LENGTH as u32,
+            cut: count.cut,
+            mask,
             index: d.idx,
             file_name,
             text: d.text,

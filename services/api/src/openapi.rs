@@ -3,6 +3,10 @@
 
 use std::sync::OnceLock;
 
+use axum::{
+    http::{header, StatusCode},
+    response::IntoResponse,
+};
 use utoipa::{
     openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme},
     Modify, OpenApi,
@@ -28,12 +32,14 @@ use crate::{error, handlers, model};
         handlers::jobs::cancel,
         handlers::descriptions::get,
         handlers::descriptions::edit,
+        handlers::masks::replace,
+        handlers::report::get,
         handlers::events::stream,
         handlers::artifacts::list,
         handlers::ops::healthz,
         handlers::ops::readyz,
         handlers::ops::metrics,
-        handlers::ops::openapi,
+        serve,
     ),
     components(schemas(
         model::Job,
@@ -43,6 +49,8 @@ use crate::{error, handlers, model};
         model::CreateJobForm,
         model::Descriptions,
         model::DescriptionBody,
+        model::MaskBody,
+        model::WarningBody,
         model::EditDescriptions,
         model::DescriptionEdit,
         model::Artifacts,
@@ -51,6 +59,7 @@ use crate::{error, handlers, model};
         model::Readiness,
         error::Problem,
         error::FieldError,
+        sidbooth_domain::report::Report,
     )),
     modifiers(&BearerAuth),
     tags(
@@ -91,4 +100,20 @@ pub fn yaml() -> &'static str {
             .to_yaml()
             .expect("the OpenAPI document serialises to YAML")
     })
+}
+
+/// This API's OpenAPI 3.1 document.
+#[utoipa::path(
+    get,
+    path = "/openapi.yaml",
+    operation_id = "openapiDocument",
+    tag = "operations",
+    responses((status = 200, description = "The OpenAPI document", content_type = "application/yaml", body = String))
+)]
+pub async fn serve() -> impl IntoResponse {
+    (
+        StatusCode::OK,
+        [(header::CONTENT_TYPE, "application/yaml")],
+        yaml(),
+    )
 }

@@ -9,7 +9,7 @@ use axum::{
 };
 
 use crate::{
-    handlers::{artifacts, descriptions, events, jobs, ops},
+    handlers::{artifacts, descriptions, events, jobs, masks, ops, report},
     state::AppState,
 };
 
@@ -76,6 +76,16 @@ pub(crate) fn table() -> Vec<Route> {
             Tenant,
             descriptions::edit,
         ),
+        Route {
+            body: Body::Upload,
+            ..route(
+                Method::PUT,
+                "/v1/jobs/{id}/masks/{n}",
+                Tenant,
+                masks::replace,
+            )
+        },
+        route(Method::GET, "/v1/jobs/{id}/report", Tenant, report::get),
         route(Method::GET, "/v1/jobs/{id}/events", Tenant, events::stream),
         route(
             Method::GET,
@@ -86,7 +96,7 @@ pub(crate) fn table() -> Vec<Route> {
         route(Method::GET, "/healthz", Public, ops::healthz),
         route(Method::GET, "/readyz", Public, ops::readyz),
         route(Method::GET, "/metrics", Public, ops::metrics),
-        route(Method::GET, "/openapi.yaml", Public, ops::openapi),
+        route(Method::GET, "/openapi.yaml", Public, crate::openapi::serve),
     ]
 }
 

@@ -7,7 +7,7 @@ use sidbooth_core::{ArtifactStore, JobStore};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::{auth::KeyCache, config::ApiConfig, events::EventHub, upload::UploadLimits};
+use crate::{config::ApiConfig, events::EventHub, key_cache::KeyCache, upload::UploadLimits};
 
 #[derive(Clone)]
 pub struct AppState {

@@ -17,6 +17,7 @@ use image::{
 use sha2::{Digest, Sha256};
 use sidbooth_describe::{validate_description, DescriptionRules};
 use sidbooth_domain::{DescriptionSource, IdentifierToken, JobSpec, SubjectClass, MAX_IMAGES};
+use sidbooth_imaging::Mask;
 
 use crate::error::{ApiError, FieldError};
 
@@ -37,6 +38,8 @@ pub struct UploadLimits {
 pub struct RawUpload {
     pub spec: Option<Bytes>,
     pub images: Vec<RawImage>,
+    /// Optional subject masks, one PNG per photo with the photo's file stem.
+    pub masks: Vec<RawImage>,
 }
 
 #[derive(Debug)]
@@ -68,7 +71,20 @@ pub struct CheckedImage {
     /// Dimensions after orientation.
     pub width: u32,
     pub height: u32,
+    /// The subject mask uploaded for this photo.
+    pub mask: Option<CheckedMask>,
 }
+
+/// A checked subject mask: stored as a binary greyscale PNG (255 = subject).
+#[derive(Debug)]
+pub struct CheckedMask {
+    pub body: Bytes,
+    pub coverage: f32,
+}
+
+/// A mask's width/height ratio may differ from its photo's by this much (a mask drawn at
+/// another resolution rounds its sides); more means it was made for another photo.
+const MASK_ASPECT_TOLERANCE: f64 = 0.02;
 
 fn part_name(idx: usize, declared: Option<&str>) -> String {
     match declared {
@@ -108,10 +124,21 @@ pub async fn read(mut multipart: Multipart, limits: &UploadLimits) -> Result<Raw
                 part_name(upload.images.len(), field.file_name()),
                 limits.max_file_bytes,
             ),
+            "masks" if upload.masks.len() == MAX_IMAGES => {
+                return Err(ApiError::InvalidMask(FieldError {
+                    pointer: format!("masks[{MAX_IMAGES}]"),
+                    code: "mask_count".into(),
+                    message: format!("at most {MAX_IMAGES} masks, one per photo"),
+                }))
+            }
+            "masks" => (
+                format!("masks[{}]", upload.masks.len()),
+                limits.max_file_bytes,
+            ),
             other => {
                 return Err(ApiError::InvalidRequest(format!(
-                    "unexpected part {other:?}; send one `spec` part and 1 to {MAX_IMAGES} \
-                     `images` parts"
+                    "unexpected part {other:?}; send one `spec` part, 1 to {MAX_IMAGES} \
+                     `images` parts and optionally one `masks` part per image"
                 )))
             }
         };
@@ -131,13 +158,14 @@ pub async fn read(mut multipart: Multipart, limits: &UploadLimits) -> Result<Raw
             }
             bytes.extend_from_slice(&chunk);
         }
-        if name == "spec" {
-            upload.spec = Some(bytes.freeze());
-        } else {
-            upload.images.push(RawImage {
-                declared_name,
-                bytes: bytes.freeze(),
-            });
+        let raw = RawImage {
+            declared_name,
+            bytes: bytes.freeze(),
+        };
+        match name.as_str() {
+            "spec" => upload.spec = Some(raw.bytes),
+            "images" => upload.images.push(raw),
+            _ => upload.masks.push(raw),
         }
     }
     Ok(upload)
@@ -155,7 +183,8 @@ pub fn check(raw: RawUpload, limits: &UploadLimits) -> Result<Upload, ApiError> 
     spec.validate(raw.images.len())?;
     check_manual_texts(&mut spec)?;
 
-    let request_hash = request_hash(&spec_bytes, &raw.images);
+    let request_hash = request_hash(&spec_bytes, raw.images.iter().chain(&raw.masks));
+    let mut masks = pair_masks(&raw.images, raw.masks)?;
     let mut images = Vec::with_capacity(raw.images.len());
     for (idx, image) in raw.images.into_iter().enumerate() {
         let part = part_name(idx, image.declared_name.as_deref());
@@ -165,6 +194,14 @@ pub fn check(raw: RawUpload, limits: &UploadLimits) -> Result<Upload, ApiError> 
             sanitise_file_name(image.declared_name.as_deref(), idx, &checked),
             idx,
         );
+        if let Some((mask_idx, mask)) = masks[idx].take() {
+            checked.mask = Some(check_mask(
+                &mask.bytes,
+                &format!("masks[{mask_idx}]"),
+                (checked.width, checked.height),
+                limits.max_pixels,
+            )?);
+        }
         images.push(checked);
     }
     Ok(Upload {
@@ -218,7 +255,121 @@ fn check_manual_texts(spec: &mut JobSpec) -> Result<(), ApiError> {
     }
 }
 
-fn request_hash(spec: &[u8], images: &[RawImage]) -> Vec<u8> {
+fn file_stem(name: &str) -> &str {
+    let base = name.rsplit(['/', '\\']).next().unwrap_or(name);
+    base.rsplit_once('.').map_or(base, |(stem, _)| stem)
+}
+
+/// Pairs each mask with the photo of the same file stem (`00.jpg` with `00.png`): either no
+/// masks, or exactly one per photo. Returns, per photo, the mask's part index and the mask.
+fn pair_masks(
+    images: &[RawImage],
+    masks: Vec<RawImage>,
+) -> Result<Vec<Option<(usize, RawImage)>>, ApiError> {
+    let mut paired: Vec<Option<(usize, RawImage)>> = images.iter().map(|_| None).collect();
+    if masks.is_empty() {
+        return Ok(paired);
+    }
+    let invalid = |pointer: String, code: &str, message: String| {
+        ApiError::InvalidMask(FieldError {
+            pointer,
+            code: code.into(),
+            message,
+        })
+    };
+    if masks.len() != images.len() {
+        return Err(invalid(
+            "masks".into(),
+            "mask_count",
+            format!(
+                "{} masks for {} photos; send one mask per photo or none",
+                masks.len(),
+                images.len()
+            ),
+        ));
+    }
+    let stems: Vec<Option<&str>> = images
+        .iter()
+        .map(|i| i.declared_name.as_deref().map(file_stem))
+        .collect();
+    for (mask_idx, mask) in masks.into_iter().enumerate() {
+        let pointer = format!("masks[{mask_idx}]");
+        let Some(stem) = mask.declared_name.as_deref().map(file_stem) else {
+            return Err(invalid(
+                pointer,
+                "mask_unpaired",
+                "a mask part needs a file name with its photo's stem (00.png for 00.jpg)".into(),
+            ));
+        };
+        let Some(photo) = stems.iter().position(|s| *s == Some(stem)) else {
+            return Err(invalid(
+                pointer,
+                "mask_unpaired",
+                format!("no photo has the file stem {stem:?} of this mask"),
+            ));
+        };
+        if paired[photo].is_some() {
+            return Err(invalid(
+                pointer,
+                "mask_unpaired",
+                format!("two masks for the photo with the stem {stem:?}"),
+            ));
+        }
+        paired[photo] = Some((mask_idx, mask));
+    }
+    Ok(paired)
+}
+
+/// Checks a mask like a photo (PNG only, size by its header before decoding) and against its
+/// photo (same shape); stores it binarised.
+pub fn check_mask(
+    bytes: &[u8],
+    part: &str,
+    (photo_w, photo_h): (u32, u32),
+    max_pixels: u64,
+) -> Result<CheckedMask, ApiError> {
+    let invalid = |code: &str, message: String| {
+        ApiError::InvalidMask(FieldError {
+            pointer: part.to_owned(),
+            code: code.into(),
+            message,
+        })
+    };
+    if image::guess_format(bytes).ok() != Some(ImageFormat::Png) {
+        return Err(invalid(
+            "mask_not_png",
+            "a mask must be a PNG (white = subject, black = the rest)".into(),
+        ));
+    }
+    let reader = ImageReader::with_format(Cursor::new(bytes), ImageFormat::Png);
+    let (w, h) = reader
+        .into_dimensions()
+        .map_err(|e| invalid("mask_unreadable", format!("the mask cannot be read: {e}")))?;
+    if u64::from(w) * u64::from(h) > max_pixels {
+        return Err(invalid(
+            "mask_too_large",
+            format!("the mask is {w}x{h} pixels; at most {max_pixels} pixels are accepted"),
+        ));
+    }
+    let aspect = |w: u32, h: u32| f64::from(w) / f64::from(h.max(1));
+    let (mask_aspect, photo_aspect) = (aspect(w, h), aspect(photo_w, photo_h));
+    if (mask_aspect / photo_aspect - 1.0).abs() > MASK_ASPECT_TOLERANCE {
+        return Err(invalid(
+            "mask_size_mismatch",
+            format!(
+                "the mask is {w}x{h} but its photo is {photo_w}x{photo_h}: a mask must have \
+                 its photo's shape"
+            ),
+        ));
+    }
+    let mask = Mask::from_png(bytes).map_err(|e| invalid(e.code, e.message))?;
+    Ok(CheckedMask {
+        coverage: mask.coverage() as f32,
+        body: Bytes::from(mask.to_png()),
+    })
+}
+
+fn request_hash<'a>(spec: &[u8], images: impl Iterator<Item = &'a RawImage>) -> Vec<u8> {
     let mut hasher = Sha256::new();
     let mut field = |bytes: &[u8]| {
         hasher.update((bytes.len() as u64).to_be_bytes());
@@ -312,6 +463,7 @@ pub fn check_image(bytes: Bytes, part: &str, max_pixels: u64) -> Result<CheckedI
     };
     Ok(CheckedImage {
         file_name: String::new(),
+        mask: None,
         sha256: hex::encode(Sha256::digest(&body)),
         format,
         content_type: content_type(format),
@@ -402,6 +554,7 @@ mod tests {
             sha256: String::new(),
             width: 1,
             height: 1,
+            mask: None,
         }
     }
 
@@ -435,6 +588,59 @@ mod tests {
     }
 
     #[test]
+    fn masks_pair_by_file_stem() {
+        let raw = |name: Option<&str>| RawImage {
+            declared_name: name.map(str::to_owned),
+            bytes: Bytes::new(),
+        };
+        let photos = [raw(Some("a.jpg")), raw(Some("dir/b.jpg"))];
+        let paired = pair_masks(&photos, vec![raw(Some("b.png")), raw(Some("a.png"))]).unwrap();
+        assert_eq!(paired[0].as_ref().unwrap().0, 1);
+        assert_eq!(paired[1].as_ref().unwrap().0, 0);
+        assert!(pair_masks(&photos, vec![])
+            .unwrap()
+            .iter()
+            .all(Option::is_none));
+        let code = |masks| match pair_masks(&photos, masks) {
+            Err(ApiError::InvalidMask(e)) => e.code,
+            other => panic!("expected a mask error, got {other:?}"),
+        };
+        assert_eq!(code(vec![raw(Some("a.png"))]), "mask_count");
+        assert_eq!(
+            code(vec![raw(Some("a.png")), raw(Some("c.png"))]),
+            "mask_unpaired"
+        );
+        assert_eq!(
+            code(vec![raw(Some("a.png")), raw(Some("a.png"))]),
+            "mask_unpaired"
+        );
+        assert_eq!(code(vec![raw(Some("a.png")), raw(None)]), "mask_unpaired");
+    }
+
+    #[test]
+    fn masks_are_checked_against_their_photo() {
+        let mask = Mask::from_bools(40, 30, |x, _| x < 10).to_png();
+        let checked = check_mask(&mask, "masks[0]", (80, 60), 1_000_000).unwrap();
+        assert!((checked.coverage - 0.25).abs() < 1e-6);
+        let code = |bytes: &[u8], photo| match check_mask(bytes, "masks[0]", photo, 1_000_000) {
+            Err(ApiError::InvalidMask(e)) => e.code,
+            other => panic!("expected a mask error, got {other:?}"),
+        };
+        assert_eq!(code(&mask, (60, 60)), "mask_size_mismatch");
+        assert_eq!(code(b"\xff\xd8\xff not a png", (80, 60)), "mask_not_png");
+        let empty = Mask::from_bools(40, 30, |_, _| false).to_png();
+        assert_eq!(code(&empty, (80, 60)), "mask_empty");
+        let big = Mask::from_bools(2000, 1500, |x, _| x < 10).to_png();
+        assert_eq!(
+            match check_mask(&big, "masks[0]", (2000, 1500), 1_000_000) {
+                Err(ApiError::InvalidMask(e)) => e.code,
+                other => panic!("{other:?}"),
+            },
+            "mask_too_large"
+        );
+    }
+
+    #[test]
     fn truncated_jpeg_is_detected() {
         assert!(jpeg_is_complete(&[
             0xFF, 0xD8, 0xFF, 0xDA, 1, 2, 0xFF, 0xD9
@@ -448,10 +654,15 @@ mod tests {
             declared_name: Some(name.into()),
             bytes: Bytes::from_static(bytes),
         };
-        let a = request_hash(b"{}", &[image("a.jpg", b"1")]);
-        assert_eq!(a, request_hash(b"{}", &[image("a.jpg", b"1")]));
-        assert_ne!(a, request_hash(b"{}", &[image("b.jpg", b"1")]));
-        assert_ne!(a, request_hash(b"{}", &[image("a.jpg", b"2")]));
-        assert_ne!(a, request_hash(b"{ }", &[image("a.jpg", b"1")]));
+        let hash = |spec: &[u8], parts: &[RawImage]| request_hash(spec, parts.iter());
+        let a = hash(b"{}", &[image("a.jpg", b"1")]);
+        assert_eq!(a, hash(b"{}", &[image("a.jpg", b"1")]));
+        assert_ne!(a, hash(b"{}", &[image("b.jpg", b"1")]));
+        assert_ne!(a, hash(b"{}", &[image("a.jpg", b"2")]));
+        assert_ne!(a, hash(b"{ }", &[image("a.jpg", b"1")]));
+        assert_ne!(
+            a,
+            hash(b"{}", &[image("a.jpg", b"1"), image("a.png", b"m")])
+        );
     }
 }

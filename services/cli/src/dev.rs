@@ -1,8 +1,11 @@
 //! `sidbooth dev`: the whole service in one process on embedded defaults, for a newcomer.
 //!
 //! Postgres from [`crate::postgres::find`], an embedded S3 server on a local folder, the API and
-//! one worker, migrations applied, a key printed. With `--demo` it also submits a describe job
-//! for the example photos, waits for it, prints the result and exits.
+//! one worker, migrations applied, a key printed. Without a model directory the worker uses the
+//! built-in tiny model, and without CLIP the tiny random evaluators (numbers that mean nothing,
+//! as the reports say), so every stage runs on a laptop. With `--demo` it also submits a job for
+//! the example photos (describe, train, generate, evaluate), waits for it, prints the measures,
+//! downloads the artifacts and exits.
 
 use std::{net::SocketAddr, path::PathBuf};
 
@@ -21,7 +24,8 @@ pub struct DevArgs {
     /// Address of the embedded S3 server (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     s3_addr: SocketAddr,
-    /// Submit a describe job for the example photos, print the result and exit.
+    /// Submit a job for the example photos (describe, train, generate, evaluate), print the
+    /// result and exit.
     #[arg(long)]
     demo: bool,
     /// Photo folder the demo submits (with manual-descriptions.json beside the photos).
@@ -38,7 +42,18 @@ pub struct DevArgs {
 const DEV_ACCESS_KEY: &str = "sidbooth-dev";
 const DEV_SECRET_KEY: &str = "sidbooth-dev-secret";
 
-pub async fn run(args: DevArgs) -> Result<()> {
+/// The seed of the tiny model and evaluators when none are configured.
+const DEV_TINY_SEED: u64 = 0;
+
+pub async fn run(mut args: DevArgs) -> Result<()> {
+    let engine = &mut args.worker.engine;
+    if engine.model_dir.is_none() && engine.tiny_model.is_none() {
+        engine.tiny_model = Some(DEV_TINY_SEED);
+    }
+    let evaluate = &mut args.worker.evaluate;
+    if !evaluate.has_clip() && !evaluate.has_sam() && !evaluate.has_dino() {
+        evaluate.tiny_evaluators = Some(DEV_TINY_SEED);
+    }
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let database = postgres::find(&args.data_dir).await?;
@@ -111,6 +126,16 @@ pub async fn run(args: DevArgs) -> Result<()> {
             "configured (SIDBOOTH_VLM_BASE_URL)"
         } else {
             "none (set SIDBOOTH_VLM_BASE_URL; describe jobs need manual descriptions until then)"
+        }
+    );
+    eprintln!(
+        "  models:    {} / evaluators {}",
+        args.worker.engine.model_name(),
+        match args.worker.evaluate.tiny_evaluators {
+            Some(seed) => format!(
+                "tiny random-weight CLIP, DINO and SAM (seed {seed}; their numbers mean nothing)"
+            ),
+            None => "from SIDBOOTH_CLIP_DIR / SIDBOOTH_DINO_DIR / SIDBOOTH_SAM_DIR".to_owned(),
         }
     );
     eprintln!("  API key:   {}", key.secret);

@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use image::RgbImage;
-use sidbooth_engine::attention::save_heatmap_png;
+use sidbooth_engine::attention::{map_to_npy, save_heatmap_png};
 use sidbooth_engine::pipeline::{load_latents, save_latents, GenerateRequest};
 
 use crate::model::{progress_bar, ModelArgs};
@@ -50,8 +50,10 @@ pub struct GenerateArgs {
     /// Write the initial latents (the same for every prompt) to FILE (.npy or safetensors).
     #[arg(long, value_name = "FILE")]
     pub save_latents: Option<PathBuf>,
-    /// Record the cross-attention of this prompt word (e.g. sks) and write a heatmap PNG beside
-    /// each image.
+    /// Record the cross-attention of this prompt word (e.g. sks) and write beside each image its
+    /// heatmap overlay (`NAME-attention-WORD.png`) and the averaged map itself
+    /// (`NAME-attention-WORD.npy`, float32 at latent resolution, which `sidbooth evaluate`
+    /// measures).
     #[arg(long, value_name = "WORD")]
     pub attention_token: Option<String>,
     /// Opacity of the heatmap overlay.
@@ -261,9 +263,14 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 let hp = args
                     .out
                     .join(format!("{name}-attention-{}.png", slug(word)));
-                save_heatmap_png(img, &maps.get(ii)?, args.attention_alpha, &hp)
+                let map = maps.get(ii)?;
+                save_heatmap_png(img, &map, args.attention_alpha, &hp)
                     .with_context(|| format!("writing {}", hp.display()))?;
+                let np = hp.with_extension("npy");
+                std::fs::write(&np, map_to_npy(&map)?)
+                    .with_context(|| format!("writing {}", np.display()))?;
                 written.push(hp);
+                written.push(np);
             }
             written.push(path);
         }

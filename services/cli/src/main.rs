@@ -7,6 +7,11 @@
 //!   DreamBooth-LoRA fine-tuning on local photos (no service needed).
 //! * `sidbooth generate --model DIR [--lora FILE] --prompt TEXT --seed N`: sampling to PNGs with
 //!   the settings in their text chunks, optional initial latents and attention heatmaps.
+//! * `sidbooth evaluate --clip DIR [--dino DIR] [--sam DIR] --references DIR [--masks DIR]
+//!   --images DIR [--prompt TEXT] --class NAME [--token sks] --out DIR`: the paper's measures
+//!   and a report (report.json, report.html).
+//! * `sidbooth segment --sam DIR --image FILE [--box x0,y0,x1,y1] --out mask.png`: a subject
+//!   mask with SAM.
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -14,9 +19,11 @@ use sidbooth_core::DatabaseArgs;
 
 mod demo;
 mod dev;
+mod evaluate;
 mod generate;
 mod model;
 mod postgres;
+mod segment;
 mod train;
 
 #[derive(Parser)]
@@ -48,6 +55,12 @@ enum Command {
     Train(Box<train::TrainArgs>),
     /// Generate images from a model (optionally with a LoRA) into PNGs with their settings.
     Generate(Box<generate::GenerateArgs>),
+    /// Measure generated images against the reference photos (CLIP-I, DINO, the paper's
+    /// subject-alignment, non-subject-disentanglement and text-alignment) into report.json and
+    /// report.html.
+    Evaluate(Box<evaluate::EvaluateArgs>),
+    /// Make a subject mask with SAM, from a box or from SAM's proposals ranked by CLIP.
+    Segment(Box<segment::SegmentArgs>),
 }
 
 #[derive(Subcommand)]
@@ -89,6 +102,10 @@ async fn main() -> Result<()> {
         Command::Generate(args) => {
             tokio::task::spawn_blocking(move || generate::run(*args)).await?
         }
+        Command::Evaluate(args) => {
+            tokio::task::spawn_blocking(move || evaluate::run(*args)).await?
+        }
+        Command::Segment(args) => tokio::task::spawn_blocking(move || segment::run(*args)).await?,
         Command::Migrate { db } => {
             let pool = sidbooth_core::db::connect(&db).await?;
             sidbooth_core::db::migrate(&pool).await?;

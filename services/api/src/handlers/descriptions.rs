@@ -15,31 +15,44 @@ use crate::{
     auth::Tenant,
     error::{ApiError, FieldError, Problem},
     handlers::JobId,
-    model::{DescriptionBody, Descriptions, EditDescriptions},
+    model::{DescriptionBody, Descriptions, EditDescriptions, MaskBody},
     state::AppState,
 };
 
 /// axum's default body limit, which JSON routes keep.
 const JSON_BODY_LIMIT: u64 = 2 * 1024 * 1024;
 
-async fn body(
+pub(crate) async fn body(
     state: &AppState,
     job_id: Uuid,
     status: JobStatus,
     descriptions: Vec<Description>,
 ) -> Result<Descriptions, ApiError> {
     let images = state.jobs().images(job_id).await?;
-    let descriptions = descriptions
-        .into_iter()
-        .map(|d| {
-            let file_name = images
-                .iter()
-                .find(|i| i.idx == d.idx)
-                .map(|i| i.file_name.clone())
-                .unwrap_or_default();
-            DescriptionBody::new(d, file_name)
-        })
-        .collect();
+    let mut masks = state.jobs().masks(job_id).await?;
+    let artifacts = state.jobs().artifacts(job_id).await?;
+    let mut bodies = Vec::with_capacity(descriptions.len());
+    for d in descriptions {
+        let file_name = images
+            .iter()
+            .find(|i| i.idx == d.idx)
+            .map(|i| i.file_name.clone())
+            .unwrap_or_default();
+        let mask = match masks.iter().position(|m| m.idx == d.idx) {
+            Some(at) => {
+                let mask = masks.swap_remove(at);
+                let name = sidbooth_core::mask_artifact_name(mask.idx);
+                let url = match artifacts.iter().find(|a| a.name == name) {
+                    Some(a) => Some(state.storage().presign_get(&a.object_key).await?),
+                    None => None,
+                };
+                Some(MaskBody::new(job_id, mask, url))
+            }
+            None => None,
+        };
+        bodies.push(DescriptionBody::new(d, file_name, mask));
+    }
+    let descriptions = bodies;
     Ok(Descriptions {
         job_id,
         status,

@@ -171,16 +171,43 @@ async fn persist(
         .enumerate()
         .map(|(idx, image)| keys::input(tenant, job_id, idx, &image.file_name))
         .collect();
-    let uploads = upload.images.iter().zip(&object_keys).map(|(image, key)| {
-        state
-            .storage()
-            .put(key, image.body.clone(), image.content_type)
-    });
+    let mask_keys: Vec<Option<String>> = upload
+        .images
+        .iter()
+        .enumerate()
+        .map(|(idx, image)| {
+            image
+                .mask
+                .as_ref()
+                .map(|_| keys::input_mask(tenant, job_id, idx))
+        })
+        .collect();
+    let photos = upload
+        .images
+        .iter()
+        .zip(&object_keys)
+        .map(|(image, key)| (key, image.body.clone(), image.content_type));
+    let masks = upload
+        .images
+        .iter()
+        .zip(&mask_keys)
+        .filter_map(|(image, key)| {
+            Some((
+                key.as_ref()?,
+                image.mask.as_ref()?.body.clone(),
+                "image/png",
+            ))
+        });
+    let uploads = photos
+        .chain(masks)
+        .map(|(key, body, content_type)| state.storage().put(key, body, content_type));
     // Every upload finishes (or fails) before any cleanup, so none lands after it.
     let stored: Result<Vec<()>, _> = futures::future::join_all(uploads)
         .await
         .into_iter()
         .collect();
+    let mut all_keys = object_keys.clone();
+    all_keys.extend(mask_keys.iter().flatten().cloned());
 
     let created = match stored {
         Ok(_) => {
@@ -191,8 +218,8 @@ async fn persist(
                 images: upload
                     .images
                     .iter()
-                    .zip(&object_keys)
-                    .map(|(image, key)| new_image(image, key))
+                    .zip(object_keys.iter().zip(&mask_keys))
+                    .map(|(image, (key, mask_key))| new_image(image, key, mask_key.clone()))
                     .collect(),
                 idempotency_key,
                 request_hash: upload.request_hash,
@@ -203,16 +230,17 @@ async fn persist(
         Err(e) => Err(ApiError::from(e)),
     };
     if !matches!(created, Ok(Created::New(_))) {
-        remove_objects(&state, &object_keys).await;
+        remove_objects(&state, &all_keys).await;
     }
     let names = upload.images.into_iter().map(|i| i.file_name).collect();
     created.map(|c| (c, names))
 }
 
-fn new_image(image: &CheckedImage, key: &str) -> NewImage {
+fn new_image(image: &CheckedImage, key: &str, mask_key: Option<String>) -> NewImage {
     NewImage {
         file_name: image.file_name.clone(),
         object_key: key.to_owned(),
+        mask_object_key: mask_key,
         content_type: image.content_type.to_owned(),
         sha256: image.sha256.clone(),
         width: image.width,

@@ -4,7 +4,9 @@ pub mod artifacts;
 pub mod descriptions;
 pub mod events;
 pub mod jobs;
+pub mod masks;
 pub mod ops;
+pub mod report;
 
 use axum::{
     extract::{FromRequestParts, Path},

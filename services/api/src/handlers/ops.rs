@@ -1,11 +1,6 @@
-//! Health, readiness, metrics and the OpenAPI document.
+//! Health, readiness and metrics (the OpenAPI document is served by [`crate::openapi`]).
 
-use axum::{
-    extract::State,
-    http::{header, StatusCode},
-    response::IntoResponse,
-    Json,
-};
+use axum::{extract::State, http::header, response::IntoResponse, Json};
 
 use crate::{
     error::{ApiError, Problem},
@@ -85,21 +80,5 @@ pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
             "text/plain; version=0.0.4; charset=utf-8",
         )],
         handle.render(),
-    )
-}
-
-/// This API's OpenAPI 3.1 document.
-#[utoipa::path(
-    get,
-    path = "/openapi.yaml",
-    operation_id = "openapiDocument",
-    tag = "operations",
-    responses((status = 200, description = "The OpenAPI document", content_type = "application/yaml", body = String))
-)]
-pub async fn openapi() -> impl IntoResponse {
-    (
-        StatusCode::OK,
-        [(header::CONTENT_TYPE, "application/yaml")],
-        crate::openapi::yaml(),
     )
 }

@@ -3,6 +3,7 @@
 mod access;
 mod images;
 mod jobs;
+mod masks;
 mod ops;
 mod stream;
 mod support;

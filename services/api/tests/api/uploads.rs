@@ -320,15 +320,19 @@ async fn specs_are_parsed_strictly() {
         "invalid-token",
     )
     .await;
+    // Evaluate measures generated images: without the stages that make them it is refused.
     let problem = refused(
         &app,
         &json!({"subject_class": "dog", "stages": ["describe", "evaluate"]}),
         one(),
         unprocessable,
-        "stage-not-available",
+        "invalid-spec",
     )
     .await;
-    assert!(problem["detail"].as_str().unwrap().contains("evaluate"));
+    assert!(problem["detail"]
+        .as_str()
+        .unwrap()
+        .contains("stage evaluate needs stage generate"));
     refused(
         &app,
         &json!({"subject_class": "dog", "descriptions": {"source": "manual", "texts": []}}),
