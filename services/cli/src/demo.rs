@@ -17,6 +17,18 @@ struct ManualDescriptions {
     descriptions: Vec<String>,
 }
 
+/// `GET url` with the API key, as JSON.
+async fn get_json(http: &reqwest::Client, auth: &str, url: &str) -> Result<serde_json::Value> {
+    Ok(http
+        .get(url)
+        .header("Authorization", auth)
+        .send()
+        .await?
+        .error_for_status()?
+        .json()
+        .await?)
+}
+
 pub async fn run(
     api_url: &str,
     key: &str,
@@ -130,14 +142,7 @@ pub async fn run(
 
     let started = Instant::now();
     let job = loop {
-        let job: serde_json::Value = http
-            .get(format!("{api_url}/v1/jobs/{id}"))
-            .header("Authorization", &auth)
-            .send()
-            .await?
-            .error_for_status()?
-            .json()
-            .await?;
+        let job = get_json(&http, &auth, &format!("{api_url}/v1/jobs/{id}")).await?;
         let status = job["status"].as_str().unwrap_or_default().to_owned();
         if matches!(
             status.as_str(),
@@ -159,24 +164,15 @@ pub async fn run(
         bail!("demo: job {id} ended {status}: {}", job["error"]);
     }
 
-    let descriptions: serde_json::Value = http
-        .get(format!("{api_url}/v1/jobs/{id}/descriptions"))
-        .header("Authorization", &auth)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
+    let descriptions = get_json(
+        &http,
+        &auth,
+        &format!("{api_url}/v1/jobs/{id}/descriptions"),
+    )
+    .await?;
     println!("{}", serde_json::to_string_pretty(&descriptions)?);
 
-    let report: serde_json::Value = http
-        .get(format!("{api_url}/v1/jobs/{id}/report"))
-        .header("Authorization", &auth)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
+    let report = get_json(&http, &auth, &format!("{api_url}/v1/jobs/{id}/report")).await?;
     eprintln!(
         "demo: measures over {} prompts:",
         report["prompts"].as_array().map_or(0, Vec::len)
@@ -193,14 +189,7 @@ pub async fn run(
         );
     }
 
-    let artifacts: serde_json::Value = http
-        .get(format!("{api_url}/v1/jobs/{id}/artifacts"))
-        .header("Authorization", &auth)
-        .send()
-        .await?
-        .error_for_status()?
-        .json()
-        .await?;
+    let artifacts = get_json(&http, &auth, &format!("{api_url}/v1/jobs/{id}/artifacts")).await?;
     let out_dir = data_dir.join("demo");
     std::fs::create_dir_all(&out_dir)?;
     let (mut count, mut total) = (0usize, 0usize);
