@@ -9,6 +9,7 @@ pub mod error;
 pub mod events;
 pub mod jobs;
 pub mod keys;
+pub mod multipart;
 pub mod queue;
 pub mod storage;
 pub mod tenants;

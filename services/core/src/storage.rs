@@ -28,7 +28,7 @@ fn storage_err(e: impl std::fmt::Display) -> CoreError {
 }
 
 /// Renders an SDK error with its source chain; the SDK's own Display is often just "service error".
-fn sdk_err<E: std::error::Error>(e: E) -> CoreError {
+pub(crate) fn sdk_err<E: std::error::Error>(e: E) -> CoreError {
     let mut msg = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
@@ -83,6 +83,10 @@ impl ArtifactStore {
 
     pub fn bucket(&self) -> &str {
         &self.bucket
+    }
+
+    pub(crate) fn client(&self) -> &Client {
+        &self.client
     }
 
     /// Creates the bucket unless it exists (local and embedded set-ups).
@@ -142,6 +146,40 @@ impl ArtifactStore {
             })?;
         let body = out.body.collect().await.map_err(storage_err)?;
         Ok(body.into_bytes())
+    }
+
+    /// Streams the object at `key` into the file `path` (memory: one chunk, whatever its size);
+    /// returns its size. The file is written beside `path` and renamed, so it is never half
+    /// there.
+    pub async fn get_to_file(&self, key: &str, path: &std::path::Path) -> Result<u64> {
+        use tokio::io::AsyncWriteExt;
+        let out = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| {
+                if e.as_service_error().is_some_and(|s| s.is_no_such_key()) {
+                    CoreError::NotFound
+                } else {
+                    sdk_err(e)
+                }
+            })?;
+        let partial = path.with_extension("partial");
+        let file_err = |e: std::io::Error| CoreError::Storage(format!("{}: {e}", path.display()));
+        let mut file = tokio::fs::File::create(&partial).await.map_err(file_err)?;
+        let mut body = out.body;
+        let mut size = 0u64;
+        while let Some(chunk) = body.try_next().await.map_err(storage_err)? {
+            size += chunk.len() as u64;
+            file.write_all(&chunk).await.map_err(file_err)?;
+        }
+        file.flush().await.map_err(file_err)?;
+        drop(file);
+        tokio::fs::rename(&partial, path).await.map_err(file_err)?;
+        Ok(size)
     }
 
     /// Keys under a prefix.
