@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use image::RgbImage;
 use sidbooth_engine::attention::{map_to_npy, save_heatmap_png};
 use sidbooth_engine::pipeline::{load_latents, save_latents, GenerateRequest};
+use sidbooth_engine::train::registry;
 
 use crate::model::{progress_bar, ModelArgs};
 
@@ -37,12 +38,14 @@ pub struct GenerateArgs {
     /// Image width in pixels (default: the model's).
     #[arg(long, value_name = "PX")]
     pub width: Option<usize>,
-    /// LoRA weights in the diffusers layout (as `sidbooth train` writes by default).
-    #[arg(long, value_name = "FILE")]
-    pub lora: Option<PathBuf>,
-    /// Multiplier of the LoRA's scale.
-    #[arg(long, default_value_t = 1.0, requires = "lora")]
-    pub lora_scale: f64,
+    /// Trained weights of any method: the `--output` directory of `sidbooth train` (or one of
+    /// its files); the method is read from what is there. A single `.safetensors` file of
+    /// another name is read as a diffusers-layout LoRA.
+    #[arg(long, alias = "lora", value_name = "PATH")]
+    pub weights: Option<PathBuf>,
+    /// Multiplier of the weights' strength (LoRA's scale).
+    #[arg(long, alias = "lora-scale", default_value_t = 1.0, requires = "weights")]
+    pub weight_scale: f64,
     /// Initial latents [num_images, C, h, w] (.npy or safetensors, e.g. from --save-latents)
     /// instead of seeded noise.
     #[arg(long, value_name = "FILE")]
@@ -126,14 +129,14 @@ fn check_args(args: &GenerateArgs) -> Result<()> {
     if !args.guidance.is_finite() {
         bail!("--guidance must be a number");
     }
-    for (flag, p) in [
-        ("--lora", &args.lora),
-        ("--init-latents", &args.init_latents),
-    ] {
-        if let Some(p) = p {
-            if !p.is_file() {
-                bail!("{flag} {}: no such file", p.display());
-            }
+    if let Some(p) = &args.weights {
+        if !p.exists() {
+            bail!("--weights {}: no such file or directory", p.display());
+        }
+    }
+    if let Some(p) = &args.init_latents {
+        if !p.is_file() {
+            bail!("--init-latents {}: no such file", p.display());
         }
     }
     if let Some(w) = &args.attention_token {
@@ -153,19 +156,19 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     check_args(&args)?;
     let loaded = args.model.load()?;
     let mut sd = loaded.sd;
-    if let Some(lora) = &args.lora {
-        let n = sd.load_lora(lora, args.lora_scale).with_context(|| {
-            let hint = if is_kohya_lora(lora) {
-                " (kohya layout: sidbooth generate reads the diffusers layout, train with --format diffusers)"
+    if let Some(weights) = &args.weights {
+        let method = registry::load_weights(&mut sd, weights, args.weight_scale).with_context(|| {
+            let hint = if weights.is_file() && is_kohya_lora(weights) {
+                " (kohya layout: sidbooth generate reads the diffusers layout in the same directory)"
             } else {
                 ""
             };
-            format!("loading the LoRA {}{hint}", lora.display())
+            format!("loading the weights {}{hint}", weights.display())
         })?;
         eprintln!(
-            "LoRA {}: {n} adapted layers (scale x{})",
-            lora.display(),
-            args.lora_scale
+            "{method} weights {} (scale x{})",
+            weights.display(),
+            args.weight_scale
         );
     }
     let init_latents = match &args.init_latents {
@@ -230,16 +233,16 @@ pub fn run(args: GenerateArgs) -> Result<()> {
                 ("guidance", args.guidance.to_string()),
                 ("model", loaded.name.clone()),
                 (
-                    "lora",
-                    args.lora
+                    "weights",
+                    args.weights
                         .as_ref()
                         .map(|p| p.display().to_string())
                         .unwrap_or_default(),
                 ),
                 (
-                    "lora_scale",
-                    if args.lora.is_some() {
-                        args.lora_scale.to_string()
+                    "weight_scale",
+                    if args.weights.is_some() {
+                        args.weight_scale.to_string()
                     } else {
                         String::new()
                     },

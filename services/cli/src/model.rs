@@ -8,7 +8,7 @@ use candle_core::{DType, Device};
 use indicatif::{ProgressBar, ProgressStyle};
 use sidbooth_engine::config::Variant;
 use sidbooth_engine::pipeline::{LoadOptions, StableDiffusion};
-use sidbooth_engine::tiny::TinyModel;
+use sidbooth_engine::{tiny::TinyModel, train::adapters::BaseSource};
 
 /// Where the computation runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -122,6 +122,8 @@ pub struct Loaded {
     pub sd: StableDiffusion,
     /// `--model` as given, or `sidbooth-tiny:SEED`.
     pub name: String,
+    /// Where its files are (a DreamBooth pipeline copies the unchanged parts).
+    pub source: BaseSource,
 }
 
 impl ModelArgs {
@@ -141,6 +143,7 @@ impl ModelArgs {
                 Ok(Loaded {
                     sd: t.sd,
                     name: format!("sidbooth-tiny:{seed}"),
+                    source: BaseSource::Tiny(seed),
                 })
             }
             (Some(dir), None) => {
@@ -161,6 +164,7 @@ impl ModelArgs {
                 Ok(Loaded {
                     sd,
                     name: dir.display().to_string(),
+                    source: BaseSource::Dir(dir.clone()),
                 })
             }
             (None, None) => bail!("give --model DIR or --tiny SEED"),

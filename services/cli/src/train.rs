@@ -1,4 +1,9 @@
-//! `sidbooth train`: DreamBooth-LoRA fine-tuning on a folder of photos, no service needed.
+//! `sidbooth train`: personalization of a model on a folder of photos, no service needed, with
+//! any of the methods (`--method lora|dreambooth|textual_inversion|custom_diffusion|svdiff`);
+//! `--output DIR` receives the method's files.
+//!
+//! The method's settings are built as the job spec's (`sidbooth_domain::train::TrainSettings`,
+//! with the same defaults) and mapped to the engine by the same function as in the worker.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -6,23 +11,30 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use image::RgbImage;
+use sidbooth_domain::train::{MaskNormalization, TrainMethod, TrainSettings};
 use sidbooth_engine::pipeline::{GenerateRequest, StableDiffusion};
 use sidbooth_engine::train::data::{list_images, CaptionedPhoto};
-use sidbooth_engine::train::method::{ExportInfo, LoraConfig};
+use sidbooth_engine::train::method::{ExportInfo, ExportOptions};
+use sidbooth_engine::train::method::svdiff::svd::SvdCache;
+use sidbooth_engine::train::optim::AdamWConfig;
+use sidbooth_engine::train::registry::export_options;
 use sidbooth_engine::train::schedule::{LrDecay, LrSchedule};
+use sidbooth_engine::train::trainer::{MaskNormalization as EngineNormalization, MaskedLossConfig};
 use sidbooth_engine::train::TrainError;
 use sidbooth_engine::train::{
-    self, Callbacks, ClassImageGenerator, ExportFormat, LoopConfig, MethodConfig, PriorConfig,
-    Resume, StepReport, TrainConfig, TrainModels, TrainOutcome,
+    self, Callbacks, ClassImageGenerator, LoopConfig, MethodConfig, PriorConfig, Resume,
+    SettingsContext, StepReport, TrainConfig, TrainModels, TrainOutcome,
 };
 
 use crate::model::{default_resolution, progress_bar, ModelArgs};
 
-/// Personalization method.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum MethodArg {
-    /// DreamBooth with LoRA adapters on the UNet attention projections (q, k, v, out).
-    Lora,
+fn parse_method(s: &str) -> Result<TrainMethod, String> {
+    TrainMethod::parse(s).ok_or_else(|| {
+        format!(
+            "unknown method {s:?}; one of {}",
+            TrainMethod::ALL.map(|m| m.as_str()).join(", ")
+        )
+    })
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -33,11 +45,19 @@ pub enum LrScheduleArg {
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum FormatArg {
-    /// diffusers / peft keys, read by diffusers' `load_lora_weights` and `sidbooth generate`.
+    /// The method's diffusers files only.
     Diffusers,
-    /// kohya / A1111 keys (`lora_unet_*.lora_down.weight`, `.alpha`), for tools of that
-    /// family (not read by `sidbooth generate`).
+    /// LoRA: also kohya / A1111 keys (`lora_unet_*.lora_down.weight`, `.alpha`) in
+    /// `pytorch_lora_weights_kohya.safetensors`.
     Kohya,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum NormalizationArg {
+    /// kohya sd-scripts: averaged over the whole latent.
+    Kohya,
+    /// OneTrainer's normalize_masked_area_loss: divided by the mask's mean.
+    MaskedArea,
 }
 
 /// The paper's description cases (recorded in the LoRA metadata).
@@ -104,26 +124,28 @@ pub struct TrainArgs {
     /// Description case of the captions, recorded in the LoRA metadata.
     #[arg(long, value_enum)]
     pub description_case: Option<CaseArg>,
-    #[arg(long, value_enum, default_value = "lora")]
-    pub method: MethodArg,
-    /// Optimizer steps.
-    #[arg(long, default_value_t = 1000)]
-    pub steps: u64,
-    /// Learning rate (AdamW).
-    #[arg(long, default_value_t = 1e-4)]
-    pub lr: f64,
+    /// lora, dreambooth, textual_inversion, custom_diffusion or svdiff.
+    #[arg(long, default_value = "lora", value_parser = parse_method)]
+    pub method: TrainMethod,
+    /// The method's settings as JSON, as in the job spec's `train` (e.g.
+    /// '{"num_vectors": 2}'); the flags below override them.
+    #[arg(long, value_name = "JSON")]
+    pub settings: Option<String>,
+    /// Optimizer steps (default: the method's).
+    #[arg(long)]
+    pub steps: Option<u64>,
+    /// Learning rate of AdamW (default: the method's).
+    #[arg(long = "learning-rate", alias = "lr", value_name = "X")]
+    pub learning_rate: Option<f64>,
     #[arg(long, value_enum, default_value = "constant")]
     pub lr_schedule: LrScheduleArg,
     /// Linear warm-up steps before the schedule.
     #[arg(long, default_value_t = 0)]
     pub warmup_steps: u64,
-    /// LoRA rank.
-    #[arg(long, default_value_t = 4)]
-    pub rank: usize,
-    /// LoRA alpha (scale alpha/rank); default: the rank.
+    /// LoRA rank (default 4).
     #[arg(long)]
-    pub alpha: Option<f64>,
-    /// Also put LoRA adapters on the text encoder's attention projections.
+    pub rank: Option<u32>,
+    /// Also train the text encoder (LoRA, DreamBooth, SVDiff).
     #[arg(long)]
     pub train_text_encoder: bool,
     /// Square training resolution in pixels (default: the model's, UNet sample_size x VAE factor).
@@ -137,8 +159,9 @@ pub struct TrainArgs {
     /// Micro-batches per optimizer step.
     #[arg(long, default_value_t = 1)]
     pub grad_accum: u32,
-    #[arg(long, default_value_t = 0)]
-    pub seed: u64,
+    /// Seed of everything random (default: the method's, 0).
+    #[arg(long)]
+    pub seed: Option<u64>,
     /// Write a checkpoint every N steps (0: never); needs --checkpoint-dir.
     #[arg(long, value_name = "N", default_value_t = 0)]
     pub checkpoint_every: u64,
@@ -155,24 +178,99 @@ pub struct TrainArgs {
     #[arg(long)]
     pub prior_preservation: bool,
     /// Prompt of the class images (default: "a photo of CLASS").
-    #[arg(long, value_name = "TEXT", requires = "prior_preservation")]
+    #[arg(long, value_name = "TEXT")]
     pub class_prompt: Option<String>,
-    /// Folder of class images; missing ones are generated into it.
-    #[arg(long, value_name = "DIR", requires = "prior_preservation")]
+    /// Folder of class images; missing ones are generated into it (needed by every run with
+    /// class-prior preservation: --prior-preservation, or DreamBooth and Custom Diffusion,
+    /// which use it by default).
+    #[arg(long, value_name = "DIR")]
     pub class_dir: Option<PathBuf>,
-    #[arg(long, value_name = "N", default_value_t = 100)]
-    pub num_class_images: usize,
-    #[arg(long, default_value_t = 1.0)]
-    pub prior_loss_weight: f64,
+    /// Class images (default: the method's).
+    #[arg(long, value_name = "N")]
+    pub num_class_images: Option<u32>,
+    #[arg(long, value_name = "W")]
+    pub prior_loss_weight: Option<f64>,
     /// DDIM steps of each generated class image.
     #[arg(long, value_name = "N", default_value_t = 50)]
     pub class_sample_steps: usize,
-    /// Where the trained LoRA is written (safetensors).
-    #[arg(long, value_name = "FILE")]
+    /// Subject masks for masked-loss training: `<stem>.png` per photo (white = subject); the
+    /// loss is restricted to them.
+    #[arg(long, value_name = "DIR")]
+    pub masks: Option<PathBuf>,
+    /// How the masked loss is averaged.
+    #[arg(long, value_enum, default_value = "kohya", requires = "masks")]
+    pub mask_normalization: NormalizationArg,
+    /// Weight of the loss outside the masks.
+    #[arg(long, default_value_t = 0.0, requires = "masks")]
+    pub unmasked_weight: f64,
+    /// The directory the method's files are written into.
+    #[arg(long, value_name = "DIR")]
     pub output: PathBuf,
-    /// Key layout of the LoRA file.
+    /// Extra layouts: kohya (LoRA). The other methods' extra layouts are settings
+    /// (`--settings '{"single_file": true}'`, `"a1111"`, `"merged_pipeline"`).
     #[arg(long, value_enum, default_value = "diffusers")]
     pub format: FormatArg,
+    /// SVDiff: keep the base weights' singular value decompositions here (keyed by the weights'
+    /// contents), so the next run on the same model does not compute them again.
+    #[arg(long, value_name = "DIR", env = "SIDBOOTH_SVD_CACHE_DIR")]
+    pub svd_cache: Option<PathBuf>,
+}
+
+impl TrainArgs {
+    /// The method's settings: its defaults, `--settings`, then the flags.
+    pub fn settings(&self) -> Result<TrainSettings> {
+        let mut v: serde_json::Value = match &self.settings {
+            Some(json) => serde_json::from_str(json).context("--settings is not JSON")?,
+            None => serde_json::json!({}),
+        };
+        let map = v
+            .as_object_mut()
+            .context("--settings must be a JSON object")?;
+        map.insert("method".into(), self.method.as_str().into());
+        let mut set = |k: &str, value: serde_json::Value| {
+            map.insert(k.to_owned(), value);
+        };
+        if let Some(n) = self.steps {
+            set("steps", n.into());
+        }
+        if let Some(lr) = self.learning_rate {
+            set("learning_rate", lr.into());
+        }
+        if let Some(seed) = self.seed {
+            set("seed", seed.into());
+        }
+        if let Some(r) = self.rank {
+            set("rank", r.into());
+        }
+        if self.train_text_encoder {
+            set("train_text_encoder", true.into());
+        }
+        if self.prior_preservation {
+            set("prior_preservation", true.into());
+        }
+        if let Some(n) = self.num_class_images {
+            set("num_class_images", n.into());
+        }
+        if let Some(w) = self.prior_loss_weight {
+            set("prior_loss_weight", w.into());
+        }
+        if self.masks.is_some() {
+            let normalization = match self.mask_normalization {
+                NormalizationArg::Kohya => "kohya",
+                NormalizationArg::MaskedArea => "masked_area",
+            };
+            set(
+                "masked_loss",
+                serde_json::json!({"normalization": normalization, "unmasked_weight": self.unmasked_weight}),
+            );
+        }
+        let settings: TrainSettings = serde_json::from_value(v)
+            .map_err(|e| anyhow::anyhow!("the {} settings: {e}", self.method.as_str()))?;
+        settings
+            .validate()
+            .map_err(|e| anyhow::anyhow!("the {} settings: {e}", self.method.as_str()))?;
+        Ok(settings)
+    }
 }
 
 /// Captions of the photos and, when the file says so, their description case.
@@ -370,8 +468,12 @@ impl ClassImageGenerator for ClassSampler<'_> {
     }
 }
 
-/// Photos with captions, resolved before the model is loaded so that mistakes fail fast.
-fn photos(args: &TrainArgs) -> Result<(Vec<CaptionedPhoto>, Option<String>)> {
+/// Photos with captions (and masks), resolved before the model is loaded so that mistakes fail
+/// fast. Methods that learn a new token get `<token>` in their captions.
+fn photos(
+    args: &TrainArgs,
+    settings: &TrainSettings,
+) -> Result<(Vec<CaptionedPhoto>, Option<String>)> {
     if !args.images.is_dir() {
         bail!("--images {}: not a directory", args.images.display());
     }
@@ -411,21 +513,32 @@ fn photos(args: &TrainArgs) -> Result<(Vec<CaptionedPhoto>, Option<String>)> {
     let photos = paths
         .into_iter()
         .zip(captions)
-        .map(|(p, c)| CaptionedPhoto::from_path(p, c))
-        .collect();
+        .map(|(p, c)| {
+            let mask = match &args.masks {
+                Some(dir) => Some(read_mask(dir, &p)?),
+                None => None,
+            };
+            Ok(CaptionedPhoto {
+                mask,
+                ..CaptionedPhoto::from_path(p, settings.rewrite_token(&c, &args.token))
+            })
+        })
+        .collect::<Result<_>>()?;
     Ok((photos, case))
 }
 
+/// `--masks DIR/<stem>.png` of a photo, checked as the API checks uploaded masks.
+fn read_mask(dir: &Path, photo: &Path) -> Result<image::GrayImage> {
+    let stem = photo.file_stem().unwrap_or_default().to_string_lossy();
+    let path = dir.join(format!("{stem}.png"));
+    let bytes = std::fs::read(&path)
+        .with_context(|| format!("--masks: no mask {} for {}", path.display(), photo.display()))?;
+    let mask = sidbooth_imaging::Mask::from_png(&bytes)
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(mask.as_gray().clone())
+}
+
 fn check_args(args: &TrainArgs) -> Result<()> {
-    if args.steps == 0 {
-        bail!("--steps must be at least 1");
-    }
-    if !(args.lr.is_finite() && args.lr > 0.0) {
-        bail!("--lr must be a positive number");
-    }
-    if args.rank == 0 {
-        bail!("--rank must be at least 1");
-    }
     if args.batch_size == 0 || args.grad_accum == 0 {
         bail!("--batch-size and --grad-accum must be at least 1");
     }
@@ -440,23 +553,39 @@ fn check_args(args: &TrainArgs) -> Result<()> {
             bail!("--resume {}: no such checkpoint directory", p.display());
         }
     }
-    if args.prior_preservation {
-        if args.class_dir.is_none() {
-            bail!("--prior-preservation needs --class-dir (class images are generated into it when missing)");
-        }
-        if args.num_class_images == 0 {
-            bail!("--num-class-images must be at least 1");
-        }
-    }
-    if args.format == FormatArg::Kohya && args.method != MethodArg::Lora {
+    if args.format == FormatArg::Kohya && args.method != TrainMethod::Lora {
         bail!("--format kohya exists for LoRA only");
+    }
+    if args.output.is_file() {
+        bail!(
+            "--output {}: a file; --output is the directory the method's files go into",
+            args.output.display()
+        );
     }
     Ok(())
 }
 
 fn train_blocking(args: TrainArgs, cancel: Arc<AtomicBool>) -> Result<()> {
+    if let Some(dir) = &args.svd_cache {
+        SvdCache::shared().set_dir(Some(dir.clone()));
+    }
     check_args(&args)?;
-    let (photos, case) = photos(&args)?;
+    let settings = args.settings()?;
+    let prior = settings.prior();
+    if prior.is_none() && (args.class_dir.is_some() || args.class_prompt.is_some()) {
+        bail!(
+            "--class-dir and --class-prompt are for class-prior preservation, which this run does \
+             not use (--prior-preservation turns it on)"
+        );
+    }
+    if prior.is_some() && args.class_dir.is_none() {
+        bail!(
+            "{} trains with class-prior preservation: give --class-dir (class images are \
+             generated into it when missing)",
+            args.method.as_str()
+        );
+    }
+    let (photos, case) = photos(&args, &settings)?;
     let loaded = args.model.load()?;
     let sd = &loaded.sd;
     let resolution = match args.resolution {
@@ -468,14 +597,13 @@ fn train_blocking(args: TrainArgs, cancel: Arc<AtomicBool>) -> Result<()> {
         bail!("--resolution {resolution}: must be a positive multiple of {f} (the VAE factor)");
     }
 
-    let method = match args.method {
-        MethodArg::Lora => MethodConfig::Lora(LoraConfig {
-            rank: args.rank,
-            alpha: args.alpha.unwrap_or(args.rank as f64),
-            train_text_encoder: args.train_text_encoder,
-            ..LoraConfig::default()
-        }),
-    };
+    let method = MethodConfig::from_settings(
+        &settings,
+        &SettingsContext {
+            token: args.token.clone(),
+            class: args.class.clone(),
+        },
+    )?;
     let info = ExportInfo {
         base_model: loaded.name.clone(),
         token: args.token.clone(),
@@ -484,42 +612,50 @@ fn train_blocking(args: TrainArgs, cancel: Arc<AtomicBool>) -> Result<()> {
         steps: 0,
     };
     let n_photos = photos.len();
-    let mut cfg = TrainConfig::new(method, photos, info);
+    let mut cfg = TrainConfig::new(method, photos, info, &args.output);
     cfg.resolution = resolution;
     cfg.flip = args.flip;
-    cfg.output = Some(args.output.clone());
-    cfg.export_format = match args.format {
-        FormatArg::Diffusers => ExportFormat::Diffusers,
-        FormatArg::Kohya => ExportFormat::Kohya,
+    cfg.export_options = ExportOptions {
+        kohya: args.format == FormatArg::Kohya,
+        ..export_options(&settings)
     };
-    cfg.prior = if args.prior_preservation {
-        Some(PriorConfig {
-            class_prompt: args
-                .class_prompt
-                .clone()
-                .unwrap_or_else(|| format!("a photo of {}", args.class)),
-            class_dir: args.class_dir.clone().expect("checked"),
-            num_class_images: args.num_class_images,
-            seed: args.seed,
-        })
-    } else {
-        None
-    };
+    let seed = settings.seed();
+    let steps = u64::from(settings.steps());
+    cfg.prior = prior.map(|(_, n)| PriorConfig {
+        class_prompt: args
+            .class_prompt
+            .clone()
+            .unwrap_or_else(|| format!("a photo of {}", args.class)),
+        class_dir: args.class_dir.clone().expect("checked"),
+        num_class_images: n as usize,
+        seed,
+    });
     cfg.loop_cfg = LoopConfig {
-        seed: args.seed,
-        max_steps: args.steps,
+        seed,
+        max_steps: steps,
         batch_size: args.batch_size,
         grad_accum: args.grad_accum,
         lr: LrSchedule {
-            base_lr: args.lr,
+            base_lr: settings.learning_rate(),
             warmup_steps: args.warmup_steps,
             decay: match args.lr_schedule {
                 LrScheduleArg::Constant => LrDecay::Constant,
                 LrScheduleArg::Cosine => LrDecay::Cosine,
             },
-            total_steps: args.steps,
+            total_steps: steps,
         },
-        prior_loss_weight: args.prior_loss_weight,
+        prior_loss_weight: prior.map_or(1.0, |(w, _)| w),
+        masked_loss: settings.masked_loss().map(|m| MaskedLossConfig {
+            normalization: match m.normalization {
+                MaskNormalization::Kohya => EngineNormalization::Kohya,
+                MaskNormalization::MaskedArea => EngineNormalization::MaskedArea,
+            },
+            unmasked_weight: m.unmasked_weight,
+        }),
+        adamw: AdamWConfig {
+            moments: settings.optimizer_state(),
+            ..AdamWConfig::default()
+        },
         checkpoint_every: args.checkpoint_every,
         checkpoint_dir: args.checkpoint_dir.clone(),
         keep_checkpoints: args.keep_checkpoints,
@@ -531,12 +667,11 @@ fn train_blocking(args: TrainArgs, cancel: Arc<AtomicBool>) -> Result<()> {
         ..LoopConfig::default()
     };
 
-    let models = TrainModels::from_pipeline(sd)?;
+    let models = TrainModels::from_pipeline(sd)?.with_source(loaded.source.clone());
     eprintln!(
-        "training LoRA (rank {}{}) on {n_photos} photos at {resolution}x{resolution}, {} steps, model {}, device {}",
-        args.rank,
-        if args.train_text_encoder { ", text encoder too" } else { "" },
-        args.steps,
+        "training {} on {n_photos} photos at {resolution}x{resolution}, {steps} steps at lr {:.1e}, model {}, device {}",
+        args.method.as_str(),
+        settings.learning_rate(),
         loaded.name,
         args.model.device,
     );
@@ -545,7 +680,7 @@ fn train_blocking(args: TrainArgs, cancel: Arc<AtomicBool>) -> Result<()> {
         steps: args.class_sample_steps,
     };
     let pb = progress_bar(
-        args.steps,
+        steps,
         "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} {msg} (eta {eta})",
     );
     pb.enable_steady_tick(std::time::Duration::from_millis(200));
@@ -564,7 +699,8 @@ fn train_blocking(args: TrainArgs, cancel: Arc<AtomicBool>) -> Result<()> {
         train::run(
             &cfg,
             &models,
-            args.prior_preservation
+            prior
+                .is_some()
                 .then_some(&sampler as &dyn ClassImageGenerator),
             &mut callbacks,
         )
@@ -580,11 +716,9 @@ fn train_blocking(args: TrainArgs, cancel: Arc<AtomicBool>) -> Result<()> {
         TrainOutcome::Completed {
             steps,
             last_loss,
-            weights_path,
-            ..
+            files,
         } => {
             pb.finish_and_clear();
-            let path = weights_path.unwrap_or_else(|| args.output.clone());
             let loss = last_loss
                 .map(|l| format!(", final loss {l:.4}"))
                 .unwrap_or_default();
@@ -594,7 +728,10 @@ fn train_blocking(args: TrainArgs, cancel: Arc<AtomicBool>) -> Result<()> {
                     r.step, r.max_steps, r.loss, r.lr
                 );
             }
-            println!("wrote {} ({steps} steps{loss})", path.display());
+            eprintln!("{steps} steps{loss}");
+            for f in files {
+                println!("{}", args.output.join(f).display());
+            }
             Ok(())
         }
         TrainOutcome::Canceled {

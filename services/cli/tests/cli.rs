@@ -158,16 +158,16 @@ fn train_writes_a_lora_that_generate_loads() {
             "--description-case",
             "sid",
             "--output",
-            "lora/dog.safetensors",
+            "lora",
         ],
         dir,
     ));
     assert!(
-        String::from_utf8_lossy(&o.stdout).contains("lora/dog.safetensors"),
+        String::from_utf8_lossy(&o.stdout).contains("lora/pytorch_lora_weights.safetensors"),
         "{}",
         text(&o)
     );
-    let lora = dir.join("lora/dog.safetensors");
+    let lora = dir.join("lora/pytorch_lora_weights.safetensors");
     let header = safetensors_header(&lora);
     let meta = header["__metadata__"].as_object().unwrap();
     assert_eq!(meta["sidbooth.token"], "sks");
@@ -202,10 +202,10 @@ fn train_writes_a_lora_that_generate_loads() {
     gen("base", &[]);
     let o = gen(
         "tuned",
-        &["--lora", "lora/dog.safetensors", "--attention-token", "sks"],
+        &["--weights", "lora", "--attention-token", "sks"],
     );
     assert!(
-        String::from_utf8_lossy(&o.stderr).contains("adapted layers"),
+        String::from_utf8_lossy(&o.stderr).contains("lora weights lora"),
         "{}",
         text(&o)
     );
@@ -219,9 +219,9 @@ fn train_writes_a_lora_that_generate_loads() {
     assert_eq!(t["steps"], "4");
     assert_eq!(t["guidance"], "7.5");
     assert_eq!(t["model"], "sidbooth-tiny:5");
-    assert_eq!(t["lora"], "lora/dog.safetensors");
+    assert_eq!(t["weights"], "lora");
     assert_eq!(t["negative_prompt"], "");
-    assert_eq!(png_text(&base[0])["lora"], "");
+    assert_eq!(png_text(&base[0])["weights"], "");
     let (bp, tp) = (pixels(&base[0]), pixels(&tuned[0]));
     assert_eq!(bp.len(), 32 * 32 * 3, "the tiny model's default size");
     assert_ne!(bp, tp, "the trained LoRA changes the image");
@@ -280,15 +280,15 @@ fn resume_from_checkpoint_matches_an_uninterrupted_run() {
         a.extend_from_slice(extra);
         ok(sidbooth(&a, dir))
     };
-    train("4", "full.safetensors", &[]);
+    train("4", "full", &[]);
     train(
         "2",
-        "half.safetensors",
+        "half",
         &["--checkpoint-every", "2", "--checkpoint-dir", "ck"],
     );
     train(
         "4",
-        "resumed.safetensors",
+        "resumed",
         &[
             "--checkpoint-every",
             "2",
@@ -298,14 +298,15 @@ fn resume_from_checkpoint_matches_an_uninterrupted_run() {
             "latest",
         ],
     );
-    let meta = safetensors_header(&dir.join("full.safetensors"))["__metadata__"].clone();
+    let lora = |out: &str| dir.join(out).join("pytorch_lora_weights.safetensors");
+    let meta = safetensors_header(&lora("full"))["__metadata__"].clone();
     assert_eq!(
         meta["sidbooth.description_case"], "full",
         "case taken from descriptions.json"
     );
-    let full = safetensors_tensors(&dir.join("full.safetensors"));
-    let resumed = safetensors_tensors(&dir.join("resumed.safetensors"));
-    let half = safetensors_tensors(&dir.join("half.safetensors"));
+    let full = safetensors_tensors(&lora("full"));
+    let resumed = safetensors_tensors(&lora("resumed"));
+    let half = safetensors_tensors(&lora("half"));
     assert_eq!(
         full.keys().collect::<Vec<_>>(),
         resumed.keys().collect::<Vec<_>>()
@@ -320,7 +321,7 @@ fn resume_from_checkpoint_matches_an_uninterrupted_run() {
         full.iter().any(|(k, v)| *v != half[k]),
         "two more steps change the LoRA"
     );
-    let resumed_meta = safetensors_header(&dir.join("resumed.safetensors"))["__metadata__"].clone();
+    let resumed_meta = safetensors_header(&lora("resumed"))["__metadata__"].clone();
     assert_eq!(meta, resumed_meta);
 }
 
@@ -397,11 +398,11 @@ fn kohya_export_has_kohya_keys_and_generate_says_so() {
             "--format",
             "kohya",
             "--output",
-            "k.safetensors",
+            "k",
         ],
         dir,
     ));
-    let header = safetensors_header(&dir.join("k.safetensors"));
+    let header = safetensors_header(&dir.join("k/pytorch_lora_weights_kohya.safetensors"));
     assert!(header
         .keys()
         .any(|k| k.starts_with("lora_unet_") && k.ends_with(".lora_down.weight")));
@@ -418,7 +419,7 @@ fn kohya_export_has_kohya_keys_and_generate_says_so() {
                 "--steps",
                 "1",
                 "--lora",
-                "k.safetensors",
+                "k/pytorch_lora_weights_kohya.safetensors",
             ],
             dir,
         ),
@@ -446,7 +447,7 @@ fn bad_arguments_fail_clearly() {
             "--steps",
             "1",
             "--output",
-            "x.safetensors",
+            "x",
         ];
         a.extend_from_slice(extra);
         sidbooth(&a, dir)
@@ -484,7 +485,24 @@ fn bad_arguments_fail_clearly() {
     );
     fails_with(
         train(&["--images", "photos", "--method", "full"]),
-        "invalid value",
+        "unknown method",
+    );
+    fails_with(
+        train(&["--images", "photos", "--method", "textual_inversion", "--rank", "4"]),
+        "rank",
+    );
+    fails_with(
+        train(&["--images", "photos", "--settings", "{\"rank\": 0}"]),
+        "train.rank",
+    );
+    std::fs::write(dir.join("a-file"), "x").unwrap();
+    fails_with(
+        sidbooth(&["train", "--tiny", "1", "--images", "photos", "--class", "dog", "--output", "a-file"], dir),
+        "--output is the directory",
+    );
+    fails_with(
+        train(&["--images", "photos", "--masks", "no-masks"]),
+        "--masks: no mask",
     );
     fails_with(
         train(&["--images", "photos", "--prior-preservation"]),
@@ -502,7 +520,7 @@ fn bad_arguments_fail_clearly() {
         train(&["--images", "photos", "--resolution", "33"]),
         "--resolution 33",
     );
-    assert!(!dir.join("x.safetensors").exists());
+    assert!(!dir.join("x").exists());
 
     fails_with(sidbooth(&["generate", "--prompt", "x"], dir), "--model");
     fails_with(generate(&[]), "--prompt");
@@ -520,7 +538,11 @@ fn bad_arguments_fail_clearly() {
     );
     fails_with(
         generate(&["--prompt", "x", "--lora-scale", "0.5"]),
-        "--lora",
+        "--weights",
+    );
+    fails_with(
+        generate(&["--prompt", "x", "--weights", "photos"]),
+        "holds no trained weights",
     );
     fails_with(
         generate(&["--prompt", "a dog", "--attention-token", "sks"]),
@@ -554,13 +576,13 @@ fn ctrl_c_stops_after_the_step_keeping_only_checkpoints() {
             "--class",
             "dog",
             "--steps",
-            "100000",
+            "20000",
             "--checkpoint-every",
             "1",
             "--checkpoint-dir",
             "ck",
             "--output",
-            "never.safetensors",
+            "never",
         ])
         .current_dir(dir)
         .stdout(std::process::Stdio::piped())
@@ -592,7 +614,7 @@ fn ctrl_c_stops_after_the_step_keeping_only_checkpoints() {
         "{}",
         text(&o)
     );
-    assert!(!dir.join("never.safetensors").exists());
+    assert!(!dir.join("never").exists());
     assert!(std::fs::read_dir(&ck).unwrap().count() >= 1);
 }
 
@@ -626,7 +648,7 @@ fn prior_preservation_samples_missing_class_images_once() {
             dir,
         ))
     };
-    train("a.safetensors");
+    train("a");
     let mut class: Vec<PathBuf> = std::fs::read_dir(dir.join("class"))
         .unwrap()
         .map(|e| e.unwrap().path())
@@ -639,12 +661,12 @@ fn prior_preservation_samples_missing_class_images_once() {
         "at the training resolution"
     );
     let before: Vec<Vec<u8>> = class.iter().map(|p| std::fs::read(p).unwrap()).collect();
-    train("b.safetensors");
+    train("b");
     assert_eq!(std::fs::read_dir(dir.join("class")).unwrap().count(), 2);
     let after: Vec<Vec<u8>> = class.iter().map(|p| std::fs::read(p).unwrap()).collect();
     assert_eq!(before, after, "existing class images are reused");
     assert_eq!(
-        safetensors_tensors(&dir.join("a.safetensors")),
-        safetensors_tensors(&dir.join("b.safetensors"))
+        safetensors_tensors(&dir.join("a/pytorch_lora_weights.safetensors")),
+        safetensors_tensors(&dir.join("b/pytorch_lora_weights.safetensors"))
     );
 }

@@ -9,11 +9,13 @@ pub mod report;
 pub mod spec;
 pub mod status;
 pub mod text;
+pub mod train;
 
 pub use prompts::{dreambooth_prompts, SubjectKind};
 pub use spec::{
     DescriptionCase, DescriptionSource, DescriptionsSpec, GenerateSettings, JobSpec, Mode,
-    SpecError, Stage, TrainMethod, TrainSettings, MAX_IMAGES,
+    SpecError, Stage, MAX_IMAGES,
 };
 pub use status::{JobStatus, ParseStatusError};
 pub use text::{IdentifierToken, SubjectClass, TextError};
+pub use train::{TrainMethod, TrainSettings};

@@ -104,11 +104,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let photos = vec![CaptionedPhoto {
         source: PhotoSource::Image(img),
         caption: "a photo of sks dog".into(),
+        mask: None,
     }];
     let instance = LatentSet::encode(&photos, &m.vae, resolution, false, &device)?;
     let inputs = TrainInputs {
-        unet: &m.unet,
-        text_encoder: &m.text_encoder,
+        unet: &mut m.unet,
+        text_encoder: &mut m.text_encoder,
         schedule: &m.schedule,
         method: &method,
         instance: &instance,

@@ -14,7 +14,7 @@ use sidbooth_engine::train::method::{ExportInfo, LoraConfig};
 use sidbooth_engine::train::run::photos_from_dir;
 use sidbooth_engine::train::schedule::LrSchedule;
 use sidbooth_engine::train::{
-    self, Callbacks, ExportFormat, LoopConfig, MethodConfig, TrainConfig, TrainModels,
+    self, Callbacks, LoopConfig, MethodConfig, TrainConfig, TrainModels,
 };
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
@@ -42,7 +42,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         None,
         "a photo of sks dog",
     )?;
-    let lora_path = out.join("lora.safetensors");
+    let lora_path = out.join(sidbooth_engine::train::method::lora::LORA_FILE);
     let cfg = TrainConfig {
         method: MethodConfig::Lora(LoraConfig {
             rank: 4,
@@ -60,8 +60,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             lr: LrSchedule::constant(2e-2),
             ..LoopConfig::default()
         },
-        output: Some(lora_path.clone()),
-        export_format: ExportFormat::Diffusers,
+        output_dir: out.clone(),
+        export_options: Default::default(),
         export_info: ExportInfo {
             base_model: model.display().to_string(),
             token: "sks".into(),

@@ -11,6 +11,7 @@ use candle_nn::VarBuilder;
 
 use crate::config::ClipTextConfig;
 use crate::nn::{softmax_last, Activation, LayerNorm, Linear, VisitLinears};
+use crate::tokenizer::ClipTokenizer;
 use crate::weights::NamedWeights;
 
 #[derive(Clone, Debug)]
@@ -168,6 +169,49 @@ impl ClipTextModel {
             self.config.vocab_size = vocab_size;
         }
         Ok(self.token_embedding.clone())
+    }
+
+    /// Appends `rows` `[n, hidden]` to the token embedding: the embeddings of `n` tokens just
+    /// added to the tokenizer, whose ids follow the current rows. Returns the first new id.
+    pub fn append_token_embeddings(&mut self, rows: &Tensor) -> Result<u32> {
+        let (n, hidden) = self.token_embedding.dims2()?;
+        let (k, row_hidden) = rows.dims2()?;
+        if row_hidden != hidden {
+            candle_core::bail!(
+                "token embeddings of width {row_hidden}, the text encoder's are {hidden}"
+            );
+        }
+        let rows = rows
+            .to_dtype(self.token_embedding.dtype())?
+            .to_device(self.token_embedding.device())?;
+        self.token_embedding = Tensor::cat(&[&self.token_embedding, &rows], 0)?;
+        self.config.vocab_size = n + k;
+        Ok(n as u32)
+    }
+
+    /// Adds `token` to `tokenizer` with the embedding `rows` `[n, hidden]`: one token for one
+    /// row, `token`, `token_1`, ... for several (diffusers' multi-vector convention, see
+    /// [`ClipTokenizer::add_multi_vector_token`]). The tokenizer's new ids must be the rows that
+    /// follow the embedding; neither changes when they are not. Returns the new ids.
+    pub fn add_token(
+        &mut self,
+        tokenizer: &mut ClipTokenizer,
+        token: &str,
+        rows: &Tensor,
+    ) -> crate::Result<Vec<u32>> {
+        let (n, _) = rows.dims2()?;
+        let next_row = self.token_embedding.dim(0)?;
+        let mut grown = tokenizer.clone();
+        let ids = grown.add_multi_vector_token(token, n)?;
+        if ids[0] as usize != next_row {
+            return Err(crate::Error::Invalid(format!(
+                "the tokenizer gives {token} the id {} but the text encoder's next embedding row is {next_row}",
+                ids[0]
+            )));
+        }
+        self.append_token_embeddings(rows)?;
+        *tokenizer = grown;
+        Ok(ids)
     }
 
     pub(crate) fn set_named_weights(&mut self, w: NamedWeights) {

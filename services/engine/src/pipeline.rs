@@ -195,6 +195,15 @@ impl StableDiffusion {
         DdimScheduler::new(&self.scheduler_config)
     }
 
+    /// Adds a learned token (Textual Inversion, Custom Diffusion) with its embedding `rows`
+    /// `[n, hidden]` to the tokenizer and the text encoder, as diffusers' `load_textual_inversion`
+    /// does: several rows become `token`, `token_1`, ..., all of them wherever a prompt says
+    /// `token`. Returns the new token ids.
+    pub fn add_token_embeddings(&mut self, token: &str, rows: &Tensor) -> Result<Vec<u32>> {
+        self.text_encoder
+            .add_token(&mut self.tokenizer, token, rows)
+    }
+
     /// Attaches the UNet and text-encoder adapters of a diffusers LoRA file (scale multiplied by
     /// `multiplier`); returns the number of adapted layers.
     pub fn load_lora(&mut self, path: &Path, multiplier: f64) -> Result<usize> {

@@ -15,6 +15,8 @@ pub struct ClipTokenizer {
     pub bos_id: u32,
     pub eos_id: u32,
     pub pad_id: u32,
+    /// Multi-vector tokens: the id a prompt's token has and the ids it stands for.
+    expansions: Vec<(u32, Vec<u32>)>,
 }
 
 impl std::fmt::Debug for ClipTokenizer {
@@ -75,6 +77,7 @@ impl ClipTokenizer {
             bos_id,
             eos_id,
             pad_id,
+            expansions: Vec::new(),
         })
     }
 
@@ -120,14 +123,49 @@ impl ClipTokenizer {
             .ok_or_else(|| tk_err(format!("could not add token {token}")))
     }
 
+    /// Adds a new token with `vectors` embedding rows in diffusers' multi-vector convention
+    /// (`load_textual_inversion`, `textual_inversion.py`): `token`, `token_1`, ...,
+    /// `token_{vectors-1}`, and a prompt's `token` stands for all of them. Returns their ids,
+    /// consecutive after the vocabulary. A token the vocabulary already has is refused, as
+    /// diffusers refuses it: its embedding would be replaced for every prompt that uses it.
+    pub fn add_multi_vector_token(&mut self, token: &str, vectors: usize) -> Result<Vec<u32>> {
+        if vectors == 0 {
+            return Err(tk_err(format!("token {token} needs at least one vector")));
+        }
+        let names: Vec<String> = std::iter::once(token.to_string())
+            .chain((1..vectors).map(|i| format!("{token}_{i}")))
+            .collect();
+        if let Some(n) = names.iter().find(|n| self.tok.token_to_id(n).is_some()) {
+            return Err(tk_err(format!("the tokenizer already has the token {n}")));
+        }
+        let ids = names
+            .iter()
+            .map(|n| self.add_token(n))
+            .collect::<Result<Vec<u32>>>()?;
+        if ids.len() > 1 {
+            self.expansions.push((ids[0], ids.clone()));
+        }
+        Ok(ids)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.tok.get_vocab_size(true)
     }
 
-    /// Token ids without start/end tokens.
+    /// Token ids without start/end tokens; a multi-vector token gives all its ids.
     pub fn tokenize(&self, text: &str) -> Result<Vec<u32>> {
         let e = self.tok.encode(text, false).map_err(tk_err)?;
-        Ok(e.get_ids().to_vec())
+        if self.expansions.is_empty() {
+            return Ok(e.get_ids().to_vec());
+        }
+        let mut ids = Vec::with_capacity(e.get_ids().len());
+        for &id in e.get_ids() {
+            match self.expansions.iter().find(|(first, _)| *first == id) {
+                Some((_, all)) => ids.extend_from_slice(all),
+                None => ids.push(id),
+            }
+        }
+        Ok(ids)
     }
 
     /// `<|startoftext|> tokens… <|endoftext|> pad…`, exactly `max_length` ids (truncated as CLIPTokenizer).
@@ -210,6 +248,27 @@ mod tests {
             t.token_positions("a photo of <sks> dog", "<sks>").unwrap(),
             vec![4]
         );
+    }
+
+    #[test]
+    fn multi_vector_token_expands_in_prompts() {
+        let mut t = ClipTokenizer::from_dir(reference_dir()).unwrap();
+        let n = t.vocab_size() as u32;
+        let ids = t.add_multi_vector_token("<sks>", 3).unwrap();
+        assert_eq!(ids, vec![n, n + 1, n + 2]);
+        // diffusers' maybe_convert_prompt: "<sks>" becomes "<sks> <sks>_1 <sks>_2"
+        let dog = t.tokenize("dog").unwrap();
+        assert_eq!(
+            t.tokenize("<sks> dog").unwrap(),
+            [&ids[..], &dog[..]].concat()
+        );
+        assert_eq!(
+            t.token_positions("a photo of <sks> dog", "<sks>").unwrap(),
+            vec![4, 5, 6]
+        );
+        assert!(t.add_multi_vector_token("<sks>", 1).is_err());
+        assert!(t.add_multi_vector_token("<sks>_2", 1).is_err());
+        assert_eq!(t.vocab_size() as u32, n + 3);
     }
 
     #[test]

@@ -117,6 +117,9 @@ pub struct Attention {
     pub heads: usize,
     pub head_dim: usize,
     pub upcast: bool,
+    /// Cross-attention only: the first context token's key and value are detached (Custom
+    /// Diffusion's `CustomDiffusionAttnProcessor`); the values are unchanged.
+    pub detach_bos: bool,
 }
 
 impl Attention {
@@ -138,6 +141,7 @@ impl Attention {
             heads,
             head_dim,
             upcast,
+            detach_bos: false,
         })
     }
 
@@ -158,9 +162,18 @@ impl Attention {
                 .transpose(1, 2)?
                 .contiguous()
         };
+        let (k, v) = (self.to_k.forward(ctx)?, self.to_v.forward(ctx)?);
+        let (k, v) = if self.detach_bos && context.is_some() && m > 1 {
+            let bos_detached = |t: Tensor| -> Result<Tensor> {
+                Tensor::cat(&[&t.narrow(1, 0, 1)?.detach(), &t.narrow(1, 1, m - 1)?], 1)
+            };
+            (bos_detached(k)?, bos_detached(v)?)
+        } else {
+            (k, v)
+        };
         let q = heads(self.to_q.forward(x)?, n)?;
-        let k = heads(self.to_k.forward(ctx)?, m)?;
-        let v = heads(self.to_v.forward(ctx)?, m)?;
+        let k = heads(k, m)?;
+        let v = heads(v, m)?;
         let scale = (self.head_dim as f64).powf(-0.5);
         let dt = q.dtype();
         let (q, k) = if self.upcast {
@@ -576,6 +589,22 @@ impl UNet2DConditionModel {
     /// The tensors the model was built from, by diffusers name (e.g. `conv_in.weight`).
     pub fn named_weights(&self) -> &NamedWeights {
         &self.weights
+    }
+
+    /// Detaches (or no longer detaches) the start token's key and value in every cross-attention
+    /// (see [`Attention::detach_bos`]).
+    pub fn set_cross_attention_detach_bos(&mut self, on: bool) {
+        let transformers = self
+            .down
+            .iter_mut()
+            .flat_map(|b| b.attentions.iter_mut())
+            .chain(self.mid.attentions.iter_mut())
+            .chain(self.up.iter_mut().flat_map(|b| b.attentions.iter_mut()));
+        for t in transformers {
+            for blk in &mut t.blocks {
+                blk.attn2.detach_bos = on;
+            }
+        }
     }
 
     /// Every [`Linear`] by diffusers module path (e.g.

@@ -12,15 +12,16 @@ use sidbooth_engine::tiny::TinyModel;
 use sidbooth_engine::train::data::{CaptionedPhoto, LatentSet, PhotoSource};
 use sidbooth_engine::train::host::Denoiser;
 use sidbooth_engine::train::host::PromptEncoder;
+use sidbooth_engine::train::method::lora::{KOHYA_FILE, LORA_FILE};
 use sidbooth_engine::train::method::{
-    ExportInfo, LoraConfig, LoraMethod, ModelsMut, TrainingMethod,
+    ExportInfo, ExportOptions, ExportedWeights, LoraConfig, LoraMethod, ModelsMut, TrainingMethod,
 };
 use sidbooth_engine::train::schedule::LrSchedule;
 use sidbooth_engine::train::trainer::{
     eval_loss, Callbacks, LoopConfig, LoopOutcome, Resume, TrainInputs, Trainer,
 };
 use sidbooth_engine::train::{
-    self, ExportFormat, MethodConfig, PriorConfig, TrainConfig, TrainModels, TrainOutcome,
+    self, MethodConfig, PriorConfig, TrainConfig, TrainModels, TrainOutcome,
 };
 
 const RES: u32 = 32;
@@ -48,6 +49,7 @@ fn photos(n: u32) -> Vec<CaptionedPhoto> {
                 "a photo of sks dog on a {} striped wall",
                 if i % 2 == 0 { "blue" } else { "white" }
             ),
+            mask: None,
         })
         .collect()
 }
@@ -132,7 +134,7 @@ fn lora_gradient_coverage_unet_and_text_encoder() {
         train_text_encoder: true,
         ..LoraConfig::with_rank(4)
     };
-    let (m, method) = attached(&base, cfg);
+    let (mut m, method) = attached(&base, cfg);
     let modules = method.modules();
     // 4 projections x (attn1, attn2) x transformer blocks of the tiny UNet, 4 x 2 layers in CLIP.
     let unet_mods = modules.iter().filter(|m| m.starts_with("unet.")).count();
@@ -152,9 +154,16 @@ fn lora_gradient_coverage_unet_and_text_encoder() {
         .any(|m| m.ends_with("proj_in") || m.contains(".ff.")));
 
     let instance = LatentSet::encode(&photos(2), &m.vae, RES, false, &m.device).unwrap();
+    // Frozen weights are plain tensors, not variables: backpropagation never accumulates into
+    // them and the optimizer never sees them. (candle's backward may still compute a
+    // by-product gradient for a constant operand of an op, e.g. a conv kernel; it is discarded.)
+    let frozen: Vec<(String, Tensor)> = Denoiser::named_weights(&m.unet)
+        .into_iter()
+        .chain(m.text_encoder.named_weights())
+        .collect();
     let inputs = TrainInputs {
-        unet: &m.unet,
-        text_encoder: &m.text_encoder,
+        unet: &mut m.unet,
+        text_encoder: &mut m.text_encoder,
         schedule: &m.schedule,
         method: &method,
         instance: &instance,
@@ -163,14 +172,6 @@ fn lora_gradient_coverage_unet_and_text_encoder() {
     let mut trainer = Trainer::new(inputs, loop_cfg(10, 1e-2)).unwrap();
     let params = trainer.params().to_vec();
     assert_eq!(params.len(), 2 * modules.len());
-
-    // Frozen weights are plain tensors, not variables: backpropagation never accumulates into
-    // them and the optimizer never sees them. (candle's backward may still compute a
-    // by-product gradient for a constant operand of an op, e.g. a conv kernel; it is discarded.)
-    let frozen: Vec<(String, Tensor)> = Denoiser::named_weights(&m.unet)
-        .into_iter()
-        .chain(m.text_encoder.named_weights())
-        .collect();
     assert!(frozen.len() > 50);
     for (name, w) in &frozen {
         assert!(!w.is_variable(), "{name} is a variable");
@@ -221,9 +222,8 @@ fn lora_gradient_coverage_unet_and_text_encoder() {
         );
     }
     // The optimizer sees exactly the declared parameters, and the frozen weights did not move.
-    let grads = trainer
-        .gradients(&trainer.micro_loss(2).unwrap().loss)
-        .unwrap();
+    let loss = trainer.micro_loss(2).unwrap().loss;
+    let grads = trainer.gradients(&loss).unwrap();
     let mut names: Vec<&String> = grads.keys().collect();
     names.sort();
     assert_eq!(names, params.iter().map(|(n, _)| n).collect::<Vec<_>>());
@@ -251,21 +251,22 @@ fn lora_gradient_coverage_unet_and_text_encoder() {
 #[test]
 fn lora_unet_only_leaves_text_encoder_frozen() {
     let base = models();
-    let (m, method) = attached(&base, LoraConfig::with_rank(2));
+    let (mut m, method) = attached(&base, LoraConfig::with_rank(2));
     assert!(method.modules().iter().all(|m| m.starts_with("unet.")));
     assert!(!method.trains_text_encoder());
     let instance = LatentSet::encode(&photos(1), &m.vae, RES, false, &m.device).unwrap();
+    let text_weights = m.text_encoder.named_weights();
     let inputs = TrainInputs {
-        unet: &m.unet,
-        text_encoder: &m.text_encoder,
+        unet: &mut m.unet,
+        text_encoder: &mut m.text_encoder,
         schedule: &m.schedule,
         method: &method,
         instance: &instance,
         class: None,
     };
-    let trainer = Trainer::new(inputs, loop_cfg(1, 1e-3)).unwrap();
+    let mut trainer = Trainer::new(inputs, loop_cfg(1, 1e-3)).unwrap();
     let store = trainer.micro_loss(0).unwrap().loss.backward().unwrap();
-    for (name, w) in m.text_encoder.named_weights() {
+    for (name, w) in text_weights {
         assert!(store.get(&w).is_none(), "{name} got a gradient");
     }
 }
@@ -273,12 +274,12 @@ fn lora_unet_only_leaves_text_encoder_frozen() {
 #[test]
 fn lora_training_lowers_loss_on_real_training_photos() {
     let base = models();
-    let (m, method) = attached(&base, LoraConfig::with_rank(4));
+    let (mut m, method) = attached(&base, LoraConfig::with_rank(4));
     let instance = LatentSet::encode(&dog6_photos(), &m.vae, RES, true, &m.device).unwrap();
     let before = eval_loss(&m.unet, &m.text_encoder, &m.schedule, &instance, 99, 8).unwrap();
     let inputs = TrainInputs {
-        unet: &m.unet,
-        text_encoder: &m.text_encoder,
+        unet: &mut m.unet,
+        text_encoder: &mut m.text_encoder,
         schedule: &m.schedule,
         method: &method,
         instance: &instance,
@@ -337,13 +338,13 @@ fn resumed_run_matches_uninterrupted_run() {
     };
 
     // Uninterrupted: 6 steps.
-    let (m, method) = attached(&base, LoraConfig::with_rank(2));
+    let (mut m, method) = attached(&base, LoraConfig::with_rank(2));
     let instance = LatentSet::encode(&photos, &m.vae, RES, true, &m.device).unwrap();
     let mut straight_losses = Vec::new();
     {
         let inputs = TrainInputs {
-            unet: &m.unet,
-            text_encoder: &m.text_encoder,
+            unet: &mut m.unet,
+            text_encoder: &mut m.text_encoder,
             schedule: &m.schedule,
             method: &method,
             instance: &instance,
@@ -359,10 +360,10 @@ fn resumed_run_matches_uninterrupted_run() {
 
     // Interrupted: 3 steps (checkpoint at 3), then a fresh process state resumes to 6.
     {
-        let (m, method) = attached(&base, LoraConfig::with_rank(2));
+        let (mut m, method) = attached(&base, LoraConfig::with_rank(2));
         let inputs = TrainInputs {
-            unet: &m.unet,
-            text_encoder: &m.text_encoder,
+            unet: &mut m.unet,
+            text_encoder: &mut m.text_encoder,
             schedule: &m.schedule,
             method: &method,
             instance: &instance,
@@ -381,13 +382,13 @@ fn resumed_run_matches_uninterrupted_run() {
             }
         ));
     }
-    let (m, method) = attached(&base, LoraConfig::with_rank(2));
+    let (mut m, method) = attached(&base, LoraConfig::with_rank(2));
     assert_ne!(trainable_values(&method), straight);
     let mut resumed_losses = Vec::new();
     {
         let inputs = TrainInputs {
-            unet: &m.unet,
-            text_encoder: &m.text_encoder,
+            unet: &mut m.unet,
+            text_encoder: &mut m.text_encoder,
             schedule: &m.schedule,
             method: &method,
             instance: &instance,
@@ -411,10 +412,10 @@ fn resumed_run_matches_uninterrupted_run() {
     }
 
     // A checkpoint of a different configuration is refused.
-    let (m, method) = attached(&base, LoraConfig::with_rank(4));
+    let (mut m, method) = attached(&base, LoraConfig::with_rank(4));
     let inputs = TrainInputs {
-        unet: &m.unet,
-        text_encoder: &m.text_encoder,
+        unet: &mut m.unet,
+        text_encoder: &mut m.text_encoder,
         schedule: &m.schedule,
         method: &method,
         instance: &instance,
@@ -427,11 +428,11 @@ fn resumed_run_matches_uninterrupted_run() {
 #[test]
 fn cancel_flag_stops_the_run() {
     let base = models();
-    let (m, method) = attached(&base, LoraConfig::with_rank(2));
+    let (mut m, method) = attached(&base, LoraConfig::with_rank(2));
     let instance = LatentSet::encode(&photos(1), &m.vae, RES, false, &m.device).unwrap();
     let inputs = TrainInputs {
-        unet: &m.unet,
-        text_encoder: &m.text_encoder,
+        unet: &mut m.unet,
+        text_encoder: &mut m.text_encoder,
         schedule: &m.schedule,
         method: &method,
         instance: &instance,
@@ -460,7 +461,7 @@ fn run_exports_lora_that_the_engine_loader_reproduces() {
     let base = TrainModels::from_pipeline(&tiny.sd).unwrap();
     let tmp = std::env::temp_dir().join(format!("sidbooth-train-export-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    let out_path = tmp.join("lora.safetensors");
+    let out_path = tmp.join(LORA_FILE);
     let lora = LoraConfig {
         rank: 2,
         alpha: 1.0,
@@ -474,8 +475,8 @@ fn run_exports_lora_that_the_engine_loader_reproduces() {
         resolution: RES,
         flip: false,
         loop_cfg: loop_cfg(3, 1e-2),
-        output: Some(out_path.clone()),
-        export_format: ExportFormat::Diffusers,
+        output_dir: tmp.clone(),
+        export_options: ExportOptions::default(),
         export_info: ExportInfo {
             base_model: "tiny".into(),
             token: "sks".into(),
@@ -490,15 +491,11 @@ fn run_exports_lora_that_the_engine_loader_reproduces() {
         train::run(&cfg, &base, None, &mut cb).unwrap()
     };
     assert_eq!(steps, vec![1, 2, 3]);
-    let TrainOutcome::Completed {
-        weights,
-        weights_path: Some(p),
-        ..
-    } = outcome
-    else {
+    let TrainOutcome::Completed { files, .. } = outcome else {
         panic!("not completed")
     };
-    assert_eq!(p, out_path);
+    assert_eq!(files, [std::path::PathBuf::from(LORA_FILE)]);
+    let weights = ExportedWeights::load(&out_path).unwrap();
     assert_eq!(weights.metadata["sidbooth.token"], "sks");
     assert_eq!(weights.metadata["sidbooth.class"], "dog");
     assert_eq!(weights.metadata["sidbooth.description_case"], "sid");
@@ -603,8 +600,11 @@ fn prior_preservation_with_class_images_from_the_base_model() {
         resolution: RES,
         flip: false,
         loop_cfg: loop_cfg(2, 1e-3),
-        output: None,
-        export_format: ExportFormat::Kohya,
+        output_dir: tmp.join("out"),
+        export_options: ExportOptions {
+            kohya: true,
+            ..ExportOptions::default()
+        },
         export_info: ExportInfo::default(),
     };
     let mut reports = Vec::new();
@@ -619,28 +619,31 @@ fn prior_preservation_with_class_images_from_the_base_model() {
         assert!(p.is_finite() && p > 0.0);
         assert!((r.loss - (r.instance_loss + p)).abs() < 1e-5 * r.loss.max(1.0));
     }
-    let TrainOutcome::Completed { weights, .. } = outcome else {
+    let TrainOutcome::Completed { files, .. } = outcome else {
         panic!()
     };
-    assert!(weights.tensors.keys().all(|k| k.starts_with("lora_unet_")));
+    assert_eq!(files.len(), 2, "{files:?}");
+    let weights = ExportedWeights::load(&tmp.join("out").join(KOHYA_FILE)).unwrap();
+    assert!(weights.tensors.keys().all(|k| k.starts_with("lora_unet_") || k.starts_with("lora_te_")));
     let _ = std::fs::remove_dir_all(&tmp);
 }
 
 #[test]
 fn batches_accumulation_and_prior_share_one_forward() {
     let base = TrainModels::tiny(5).unwrap();
-    let (m, method) = attached(&base, LoraConfig::with_rank(2));
+    let (mut m, method) = attached(&base, LoraConfig::with_rank(2));
     let instance = LatentSet::encode(&photos(3), &m.vae, RES, true, &m.device).unwrap();
     let class_photos: Vec<CaptionedPhoto> = (10..12)
         .map(|i| CaptionedPhoto {
             source: PhotoSource::Image(photo(i)),
             caption: "a photo of dog".into(),
+            mask: None,
         })
         .collect();
     let class = LatentSet::encode(&class_photos, &m.vae, RES, false, &m.device).unwrap();
     let inputs = TrainInputs {
-        unet: &m.unet,
-        text_encoder: &m.text_encoder,
+        unet: &mut m.unet,
+        text_encoder: &mut m.text_encoder,
         schedule: &m.schedule,
         method: &method,
         instance: &instance,
@@ -674,6 +677,7 @@ fn run_canceled_while_sampling_class_images() {
         MethodConfig::Lora(LoraConfig::with_rank(2)),
         photos(1),
         ExportInfo::default(),
+        tmp.join("out"),
     );
     cfg.resolution = RES;
     cfg.loop_cfg = loop_cfg(5, 1e-3);

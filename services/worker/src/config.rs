@@ -33,6 +33,10 @@ pub struct WorkerConfig {
     /// CLIP, DINO and SAM for subject masks and the evaluate stage.
     #[command(flatten)]
     pub evaluate: EvaluateArgs,
+    /// Part size of multipart uploads of large artifacts (DreamBooth pipelines are GBs), in
+    /// MiB; S3 wants at least 5.
+    #[arg(long, env = "SIDBOOTH_UPLOAD_PART_MIB", default_value_t = 64)]
+    pub upload_part_mib: u64,
     /// Jobs this worker runs at once.
     #[arg(long, env = "SIDBOOTH_WORKER_CONCURRENCY", default_value_t = 1)]
     pub concurrency: usize,
@@ -48,6 +52,7 @@ impl Default for WorkerConfig {
             vlm: default_vlm_args(),
             engine: EngineArgs::default(),
             evaluate: EvaluateArgs::default(),
+            upload_part_mib: 64,
             concurrency: 1,
             shutdown_mode: ShutdownMode::FinishStage,
         }

@@ -17,6 +17,7 @@ use candle_core::{DType, Device};
 use sidbooth_engine::{
     pipeline::{LoadOptions, StableDiffusion},
     tiny::TinyModel,
+    train::{adapters::BaseSource, method::svdiff::svd::SvdCache},
 };
 use tokio::sync::OnceCell;
 
@@ -43,6 +44,11 @@ pub struct EngineArgs {
     /// resumes from the last one.
     #[arg(long, env = "SIDBOOTH_CHECKPOINT_EVERY", default_value_t = 100)]
     pub checkpoint_every: u64,
+    /// Where SVDiff keeps the singular value decompositions of base weights (keyed by their
+    /// contents), so the next job on the same base model does not compute them again. Without
+    /// it they are kept in memory only.
+    #[arg(long, env = "SIDBOOTH_SVD_CACHE_DIR")]
+    pub svd_cache_dir: Option<PathBuf>,
 }
 
 impl Default for EngineArgs {
@@ -53,6 +59,7 @@ impl Default for EngineArgs {
             device: "cpu".into(),
             gpu_dtype: "f16".into(),
             checkpoint_every: 100,
+            svd_cache_dir: None,
         }
     }
 }
@@ -64,6 +71,15 @@ impl EngineArgs {
             (Some(seed), _) => format!("sidbooth-tiny-{seed}"),
             (None, Some(dir)) => dir.display().to_string(),
             (None, None) => "none".into(),
+        }
+    }
+
+    /// Where the base model's files are (whole-pipeline outputs copy its unchanged parts).
+    pub fn base_source(&self) -> Option<BaseSource> {
+        match (&self.tiny_model, &self.model_dir) {
+            (Some(seed), _) => Some(BaseSource::Tiny(*seed)),
+            (None, Some(dir)) => Some(BaseSource::Dir(dir.clone())),
+            (None, None) => None,
         }
     }
 
@@ -106,6 +122,10 @@ pub struct EngineHandle {
 
 impl EngineHandle {
     pub fn new(args: EngineArgs) -> Self {
+        // The decomposition cache is one per process, as the base model is.
+        if let Some(dir) = &args.svd_cache_dir {
+            SvdCache::shared().set_dir(Some(dir.clone()));
+        }
         Self {
             args,
             base: OnceCell::new(),

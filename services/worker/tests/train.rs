@@ -1,5 +1,5 @@
-//! The train and generate stages with the built-in tiny model: a worker killed mid-training is
-//! taken over, and the new owner continues from the last checkpoint in storage instead of
+//! The train stage with the built-in tiny model, for every method: a worker killed mid-training
+//! is taken over, and the new owner continues from the last checkpoint in storage instead of
 //! starting again.
 
 mod support;
@@ -13,7 +13,7 @@ use support::{spawn, Env};
 
 const WAIT: Duration = Duration::from_secs(120);
 
-fn manual_train_spec(steps: u32) -> serde_json::Value {
+fn manual_train_spec(train: serde_json::Value) -> serde_json::Value {
     let texts: Vec<String> = (0..3)
         .map(|i| format!("a photo of sks dog in front of an orange wall, view {i}"))
         .collect();
@@ -21,23 +21,25 @@ fn manual_train_spec(steps: u32) -> serde_json::Value {
         "subject_class": "dog",
         "descriptions": {"source": "manual", "texts": texts},
         "stages": ["describe", "train"],
-        "train": {"steps": steps, "rank": 2, "seed": 1},
+        "train": train,
     })
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_killed_mid_training_resumes_from_the_last_checkpoint() {
+/// Trains `train` (24 steps, a checkpoint every 4), aborts the worker once a checkpoint at step
+/// 8 or later is in storage, and lets a second worker finish: its first step is the one after
+/// that checkpoint, and the method's output (`marker` among its files) is stored.
+async fn killed_mid_training_resumes(train: serde_json::Value, marker: &str) {
     let env = Env::new().await;
-    let id = env.create_job(manual_train_spec(60), 3).await;
+    let id = env.create_job(manual_train_spec(train), 3).await;
     let mut config = env.config(ShutdownMode::FinishStage);
     config.engine.tiny_model = Some(5);
-    config.engine.checkpoint_every = 5;
+    config.engine.checkpoint_every = 4;
     let latest = keys::work(env.tenant, id, "train/latest");
 
     let first = spawn(env.worker_with(config.clone(), env.vlm_config()));
-    env.wait_until("a checkpoint at step 10 or later", WAIT, || async {
+    env.wait_until("a checkpoint at step 8 or later", WAIT, || async {
         match env.storage.store.get(&latest).await {
-            Ok(name) => String::from_utf8_lossy(&name).as_ref() >= "checkpoint-00000010",
+            Ok(name) => String::from_utf8_lossy(&name).as_ref() >= "checkpoint-00000008",
             Err(_) => false,
         }
     })
@@ -50,7 +52,7 @@ async fn a_worker_killed_mid_training_resumes_from_the_last_checkpoint() {
         .trim_start_matches("checkpoint-")
         .parse()
         .unwrap();
-    assert!(resumed_at < 60, "killed before the end: {checkpoint}");
+    assert!(resumed_at < 24, "killed before the end: {checkpoint}");
 
     let second = spawn(env.worker_with(config, env.vlm_config()));
     env.wait_status(id, JobStatus::Succeeded, WAIT).await;
@@ -84,14 +86,79 @@ async fn a_worker_killed_mid_training_resumes_from_the_last_checkpoint() {
         serde_json::from_slice(&env.storage.store.get(&training.object_key).await.unwrap())
             .unwrap();
     assert_eq!(summary["resumed_from"], checkpoint.as_str());
-    assert_eq!(summary["steps"], 60);
-    assert!(artifacts.iter().any(|a| a.name == "lora.safetensors"));
+    assert_eq!(summary["steps"], 24);
+    let names: Vec<&str> = artifacts.iter().map(|a| a.name.as_str()).collect();
+    assert!(
+        names.contains(&format!("weights/{marker}").as_str()),
+        "{marker} missing from {names:?}"
+    );
+    // Only the newest checkpoint is kept in storage: its three files, the pointer, and no
+    // upload records.
+    let work: Vec<String> = env
+        .storage
+        .store
+        .list(&keys::work(env.tenant, id, ""))
+        .await
+        .unwrap();
+    let blobs = work.iter().filter(|k| k.contains("/work/b-")).count();
+    assert_eq!(blobs, 3, "{work:#?}");
+    assert!(!work.iter().any(|k| k.ends_with(".upload")), "{work:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_resumes_from_the_last_checkpoint_after_a_kill() {
+    killed_mid_training_resumes(
+        serde_json::json!({"method": "lora", "steps": 24, "rank": 2, "seed": 1}),
+        "pytorch_lora_weights.safetensors",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dreambooth_resumes_from_the_last_checkpoint_after_a_kill() {
+    killed_mid_training_resumes(
+        serde_json::json!({"method": "dreambooth", "steps": 24, "seed": 1,
+                           "num_class_images": 2}),
+        "model_index.json",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn textual_inversion_resumes_from_the_last_checkpoint_after_a_kill() {
+    killed_mid_training_resumes(
+        serde_json::json!({"method": "textual_inversion", "steps": 24, "seed": 1,
+                           "num_vectors": 2}),
+        "learned_embeds.safetensors",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_diffusion_resumes_from_the_last_checkpoint_after_a_kill() {
+    killed_mid_training_resumes(
+        serde_json::json!({"method": "custom_diffusion", "steps": 24, "seed": 1,
+                           "num_class_images": 2}),
+        "pytorch_custom_diffusion_weights.safetensors",
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn svdiff_resumes_from_the_last_checkpoint_after_a_kill() {
+    killed_mid_training_resumes(
+        serde_json::json!({"method": "svdiff", "steps": 24, "seed": 1}),
+        "spectral_shifts.safetensors",
+    )
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn training_without_a_model_fails_with_a_clear_error() {
     let env = Env::new().await;
-    let id = env.create_job(manual_train_spec(2), 3).await;
+    let id = env
+        .create_job(manual_train_spec(serde_json::json!({"steps": 2})), 3)
+        .await;
     let worker = spawn(env.worker());
     let job = env.wait_status(id, JobStatus::Failed, WAIT).await;
     worker.stop().await;

@@ -10,12 +10,16 @@
 //! step draws `mean + std * eps` with the step's generator and multiplies by the scaling factor,
 //! which is what `train_dreambooth_lora.py` computes (`latent_dist.sample()` every step) without
 //! re-running the encoder.
+//!
+//! A photo may carry a subject mask (masked-loss training): it is resized and cropped with the
+//! photo, then averaged over each latent cell (`F.interpolate(mode="area")`, as kohya and
+//! OneTrainer do), giving a `[1, 1, h, w]` weight in [0, 1] that follows the photo's flip.
 
 use std::path::{Path, PathBuf};
 
 use candle_core::{Device, Tensor};
 use image::imageops::FilterType;
-use image::RgbImage;
+use image::{GrayImage, RgbImage};
 use rand::rngs::StdRng;
 use rand::Rng;
 
@@ -30,11 +34,13 @@ pub enum PhotoSource {
     Image(RgbImage),
 }
 
-/// One photo with its caption (the training description).
+/// One photo with its caption (the training description) and, for masked-loss training, its
+/// subject mask (255 = subject; any size of the photo's shape).
 #[derive(Debug, Clone)]
 pub struct CaptionedPhoto {
     pub source: PhotoSource,
     pub caption: String,
+    pub mask: Option<GrayImage>,
 }
 
 impl CaptionedPhoto {
@@ -42,6 +48,7 @@ impl CaptionedPhoto {
         Self {
             source: PhotoSource::Path(path.into()),
             caption: caption.into(),
+            mask: None,
         }
     }
 }
@@ -85,6 +92,38 @@ pub fn resize_center_crop(img: &RgbImage, resolution: u32) -> RgbImage {
     image::imageops::crop_imm(&resized, left, top, resolution, resolution).to_image()
 }
 
+/// A subject mask resized and cropped as its photo was, then averaged over blocks of `factor`
+/// pixels (the VAE's downsampling): `[1, 1, R/factor, R/factor]` in [0, 1].
+pub fn mask_to_latent(
+    mask: &GrayImage,
+    (photo_w, photo_h): (u32, u32),
+    resolution: u32,
+    factor: u32,
+    flip: bool,
+    device: &Device,
+) -> Result<Tensor, TrainError> {
+    let mask = image::imageops::resize(mask, photo_w, photo_h, FilterType::Nearest);
+    let gray = image::DynamicImage::ImageLuma8(mask).to_rgb8();
+    let cropped = resize_center_crop(&gray, resolution);
+    let cropped = if flip {
+        image::imageops::flip_horizontal(&cropped)
+    } else {
+        cropped
+    };
+    let n = (resolution / factor) as usize;
+    let f = factor as usize;
+    let mut cells = vec![0f32; n * n];
+    for (x, y, p) in cropped.enumerate_pixels() {
+        let (cx, cy) = (x as usize / f, y as usize / f);
+        if cx < n && cy < n {
+            cells[cy * n + cx] += p.0[0] as f32 / 255.0;
+        }
+    }
+    let area = (f * f) as f32;
+    cells.iter_mut().for_each(|c| *c /= area);
+    Ok(Tensor::from_vec(cells, (1, 1, n, n), device)?)
+}
+
 /// `[1, 3, H, W]` f32 in `[-1, 1]`.
 pub fn image_to_tensor(img: &RgbImage, device: &Device) -> Result<Tensor, TrainError> {
     let (w, h) = img.dimensions();
@@ -122,12 +161,15 @@ pub struct LatentDist {
     pub std: Tensor,
 }
 
-/// One training example: caption and cached latents.
+/// One training example: caption, cached latents and, with a subject mask, its latent-sized
+/// weights (for each orientation).
 #[derive(Debug, Clone)]
 pub struct Example {
     pub caption: String,
     pub latents: LatentDist,
     pub flipped: Option<LatentDist>,
+    pub mask: Option<Tensor>,
+    pub flipped_mask: Option<Tensor>,
 }
 
 /// Cached examples plus the scaling factor of the VAE that produced them.
@@ -153,6 +195,20 @@ impl LatentSet {
         }
         let mut examples = Vec::with_capacity(photos.len());
         for p in photos {
+            let size = match (&p.mask, &p.source) {
+                (None, _) => (0, 0),
+                (Some(_), PhotoSource::Image(img)) => img.dimensions(),
+                (Some(_), source) => open(source)?.dimensions(),
+            };
+            let mask_for = |flip: bool| -> Result<Option<Tensor>, TrainError> {
+                match &p.mask {
+                    Some(m) => {
+                        let factor = vae.downsampling_factor().unwrap_or(8);
+                        Ok(Some(mask_to_latent(m, size, resolution, factor, flip, device)?))
+                    }
+                    None => Ok(None),
+                }
+            };
             let enc = |flip: bool| -> Result<LatentDist, TrainError> {
                 let px = preprocess(&p.source, resolution, flip, device)?;
                 let (mean, std) = vae.encode_dist(&px)?;
@@ -165,6 +221,8 @@ impl LatentSet {
             let flipped = if flip { Some(enc(true)?) } else { None };
             examples.push(Example {
                 caption: p.caption.clone(),
+                mask: mask_for(false)?,
+                flipped_mask: if flip { mask_for(true)? } else { None },
                 latents,
                 flipped,
             });
@@ -185,13 +243,23 @@ impl LatentSet {
 
     /// Draws the scaled latents of example `i` with `rng` (orientation, then the sample).
     pub fn sample(&self, i: usize, rng: &mut StdRng) -> Result<Tensor, TrainError> {
+        Ok(self.sample_with_mask(i, rng)?.0)
+    }
+
+    /// [`sample`](Self::sample) and the example's mask in the drawn orientation.
+    pub fn sample_with_mask(
+        &self,
+        i: usize,
+        rng: &mut StdRng,
+    ) -> Result<(Tensor, Option<Tensor>), TrainError> {
         let ex = &self.examples[i];
-        let dist = match &ex.flipped {
-            Some(f) if rng.gen_bool(0.5) => f,
-            _ => &ex.latents,
+        let (dist, mask) = match &ex.flipped {
+            Some(f) if rng.gen_bool(0.5) => (f, &ex.flipped_mask),
+            _ => (&ex.latents, &ex.mask),
         };
         let eps = rng::randn(rng, dist.mean.dims(), dist.mean.device())?;
-        Ok(((&dist.mean + (&dist.std * eps)?)? * self.scaling_factor)?)
+        let x = ((&dist.mean + (&dist.std * eps)?)? * self.scaling_factor)?;
+        Ok((x, mask.clone()))
     }
 }
 

@@ -4,6 +4,8 @@
 //! noise schedule only through these traits, so a method (LoRA, Textual Inversion, ...) is a
 //! parameterization of the models and not a new training loop.
 
+use std::collections::HashMap;
+
 use candle_core::{Result, Tensor};
 
 use crate::nn::Linear;
@@ -18,6 +20,17 @@ pub trait Denoiser {
     /// Every base weight by its module path (e.g. for full fine-tuning and for checking that
     /// frozen weights receive no gradient).
     fn named_weights(&self) -> Vec<(String, Tensor)>;
+    /// Rebuilds the network with `weights` in place of the weights of the same names (as
+    /// [`named_weights`](Self::named_weights) names them); the others stay shared and adapters
+    /// are dropped. Gradients reach whatever the given tensors derive from (variables for full
+    /// fine-tuning, spectral shifts for SVDiff).
+    fn replace_weights(&mut self, weights: &HashMap<String, Tensor>) -> Result<()>;
+    /// Detaches the first context token's (BOS) key and value in every cross-attention, as
+    /// Custom Diffusion's attention processor does: the same outputs, but no gradient reaches
+    /// the key and value weights through the start token, which every prompt shares.
+    fn detach_cross_attention_bos(&mut self, _on: bool) -> Result<()> {
+        candle_core::bail!("this denoiser cannot detach the cross-attention start token")
+    }
 }
 
 /// The text encoder together with its tokenizer.
@@ -28,12 +41,21 @@ pub trait PromptEncoder {
     fn encode_ids(&self, ids: &Tensor) -> Result<Tensor>;
     fn linears(&mut self) -> Vec<&mut Linear>;
     fn named_weights(&self) -> Vec<(String, Tensor)>;
+    /// As [`Denoiser::replace_weights`].
+    fn replace_weights(&mut self, weights: &HashMap<String, Tensor>) -> Result<()>;
     /// Token ids of `text` without start, end or padding tokens.
     fn token_ids(&self, text: &str) -> Result<Vec<u32>>;
     /// The token embedding matrix `[vocab, hidden]`, read at every forward pass, so that a method
     /// can replace it by a variable (textual inversion). `None` if the encoder has none.
     fn token_embedding_mut(&mut self) -> Option<&mut Tensor> {
         None
+    }
+    /// Adds a new whole-word token with `vectors` embedding rows (diffusers' multi-vector
+    /// convention: `token`, `token_1`, ..., and a prompt's `token` stands for all of them) and
+    /// grows the token embedding by that many zero rows, for the caller to set. Returns the new
+    /// ids, which follow the existing rows.
+    fn add_token(&mut self, token: &str, _vectors: usize) -> Result<Vec<u32>> {
+        candle_core::bail!("this text encoder cannot add the token {token}")
     }
 }
 
@@ -43,6 +65,10 @@ pub trait LatentEncoder {
     /// `[-1, 1]`, before the scaling factor.
     fn encode_dist(&self, pixels: &Tensor) -> Result<(Tensor, Tensor)>;
     fn scaling_factor(&self) -> f64;
+    /// Pixels per latent cell along each side (8 for Stable Diffusion's VAE).
+    fn downsampling_factor(&self) -> Option<u32> {
+        None
+    }
 }
 
 /// What the network is trained to predict.

@@ -3,8 +3,9 @@
 //!
 //! - [`run`]: the entry point (`TrainConfig` + [`TrainModels`] + optional class-image generator +
 //!   [`Callbacks`] -> [`TrainOutcome`]); synchronous, the worker calls it on a blocking thread.
-//! - [`method`]: [`method::TrainingMethod`] (attach parameters to the models, list them, export)
-//!   and [`method::LoraMethod`]; [`method::to_kohya`] converts an export to the kohya layout.
+//! - [`method`]: [`method::TrainingMethod`] (attach parameters to the models, list them, write
+//!   the output), one module per method; [`registry`]: the methods registered once, their
+//!   settings mapped from the job spec, and [`registry::load_weights`] for inference.
 //! - [`trainer`]: the loop ([`trainer::Trainer`]): seeded per-step randomness, MSE on epsilon or
 //!   v, prior preservation, gradient accumulation, clipping, AdamW, checkpoints, resume, cancel;
 //!   [`trainer::eval_loss`] on a fixed (noise, timestep) set.
@@ -15,6 +16,7 @@
 //!   the engine's UNet, CLIP text encoder + tokenizer, VAE and DDIM schedule.
 
 pub mod adapters;
+pub mod augment;
 pub mod checkpoint;
 pub mod data;
 pub mod host;
@@ -22,15 +24,15 @@ pub mod io;
 pub mod method;
 pub mod ops;
 pub mod optim;
+pub mod registry;
 pub mod rng;
 pub mod run;
 pub mod schedule;
 pub mod trainer;
 
-pub use run::{
-    run, ClassImageGenerator, ExportFormat, MethodConfig, PriorConfig, TrainConfig, TrainModels,
-    TrainOutcome,
-};
+pub use adapters::TrainModels;
+pub use registry::{MethodConfig, MethodEntry, SettingsContext};
+pub use run::{run, ClassImageGenerator, PriorConfig, TrainConfig, TrainOutcome};
 pub use trainer::{Callbacks, LoopConfig, Resume, StepReport};
 
 /// Errors of the training half of the engine.

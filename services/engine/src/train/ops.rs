@@ -112,11 +112,12 @@ impl CustomOp1 for FrozenConv2d {
 }
 
 /// `x.conv2d(w, padding, stride, 1, 1)` for a square kernel `w` that is not trained; the
-/// backward computes the input gradient only. Falls back to the plain op for a variable `w`,
-/// or a padding above `(kernel - 1) / 2`.
+/// backward computes the input gradient only. Falls back to the plain op for a `w` that needs a
+/// gradient (a variable, or a tensor computed from one: SVDiff's weights), or a padding above
+/// `(kernel - 1) / 2`.
 pub fn frozen_conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
     let (_, _, kh, kw) = w.dims4()?;
-    if w.is_variable() || kh != kw || 2 * padding > kh - 1 || !x.track_op() {
+    if w.track_op() || kh != kw || 2 * padding > kh - 1 || !x.track_op() {
         return x.conv2d(w, padding, stride, 1, 1);
     }
     let y = x.detach().conv2d(w, padding, stride, 1, 1)?.contiguous()?;
@@ -161,7 +162,8 @@ impl CustomOp1 for FrozenLinear {
 }
 
 /// `x · wᵀ` (no bias) for a weight `w` `[out, in]` that is not trained; the backward computes the
-/// input gradient only. Falls back to the plain op for a variable `w`.
+/// input gradient only. Falls back to the plain op for a `w` that needs a gradient (a variable
+/// or a tensor computed from one).
 pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let dims = x.dims().to_vec();
     let in_f = dims[dims.len() - 1];
@@ -169,7 +171,7 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     let out_f = w.dims()[0];
     let mut out_shape = dims[..dims.len() - 1].to_vec();
     out_shape.push(out_f);
-    if w.is_variable() || !x.track_op() {
+    if w.track_op() || !x.track_op() {
         return x.reshape((lead, in_f))?.matmul(&w.t()?)?.reshape(out_shape);
     }
     let y = x

@@ -3,48 +3,15 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use candle_core::Device;
 use image::RgbImage;
 
-use super::adapters::{ClipPromptEncoder, UNetDenoiser, VaeEncoder};
+use super::adapters::TrainModels;
+use super::augment::{AugmentPhotos, Augmenter};
 use super::data::{list_images, CaptionedPhoto, LatentSet, PhotoSource};
-use super::host::NoiseSchedule;
-use super::method::{
-    to_kohya, ExportInfo, ExportedWeights, LoraConfig, LoraMethod, ModelsMut,
-    TextualInversionConfig, TextualInversionMethod, TrainingMethod,
-};
+use super::method::{ExportContext, ExportInfo, ExportOptions, ModelsMut};
+use super::registry::MethodConfig;
 use super::trainer::{Callbacks, LoopConfig, LoopOutcome, TrainInputs, Trainer};
 use super::TrainError;
-
-/// The frozen base models training starts from. Cloning is cheap (tensors are shared); `run`
-/// never modifies them.
-#[derive(Clone)]
-pub struct TrainModels {
-    pub unet: UNetDenoiser,
-    pub text_encoder: ClipPromptEncoder,
-    pub vae: VaeEncoder,
-    pub schedule: NoiseSchedule,
-    pub device: Device,
-}
-
-/// Which parameterization to train.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "method", rename_all = "snake_case")]
-pub enum MethodConfig {
-    Lora(LoraConfig),
-    TextualInversion(TextualInversionConfig),
-}
-
-impl MethodConfig {
-    pub fn build(&self) -> Result<Box<dyn TrainingMethod>, TrainError> {
-        match self {
-            MethodConfig::Lora(c) => Ok(Box::new(LoraMethod::new(c.clone())?)),
-            MethodConfig::TextualInversion(c) => {
-                Ok(Box::new(TextualInversionMethod::new(c.clone())?))
-            }
-        }
-    }
-}
 
 /// Class-prior preservation.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -73,17 +40,6 @@ pub trait ClassImageGenerator {
     ) -> Result<Option<Vec<RgbImage>>, TrainError>;
 }
 
-/// Weight file layout of the export.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ExportFormat {
-    /// diffusers / peft keys (`unet.<module>.lora_A.weight`), read by `load_lora_weights`.
-    #[default]
-    Diffusers,
-    /// kohya / A1111 keys (`lora_unet_<module>.lora_down.weight`, `.alpha`).
-    Kohya,
-}
-
 /// Everything a training run needs besides the models.
 #[derive(Debug, Clone)]
 pub struct TrainConfig {
@@ -96,17 +52,22 @@ pub struct TrainConfig {
     /// Random horizontal flip.
     pub flip: bool,
     pub loop_cfg: LoopConfig,
-    /// Where the trained weights are written (safetensors); none: only returned.
-    pub output: Option<PathBuf>,
-    pub export_format: ExportFormat,
+    /// The directory the method's output files are written into.
+    pub output_dir: PathBuf,
+    pub export_options: ExportOptions,
     pub export_info: ExportInfo,
 }
 
 impl TrainConfig {
     /// Defaults of the paper and diffusers' DreamBooth LoRA script: 512x512, no flip, 1000
     /// steps, batch 1, learning rate 1e-4 constant, AdamW (0.9, 0.999, 1e-2, 1e-8), gradient
-    /// clipping at 1.0, no prior preservation, diffusers export layout.
-    pub fn new(method: MethodConfig, photos: Vec<CaptionedPhoto>, export_info: ExportInfo) -> Self {
+    /// clipping at 1.0, no prior preservation, the method's default output files.
+    pub fn new(
+        method: MethodConfig,
+        photos: Vec<CaptionedPhoto>,
+        export_info: ExportInfo,
+        output_dir: impl Into<PathBuf>,
+    ) -> Self {
         Self {
             method,
             photos,
@@ -114,8 +75,8 @@ impl TrainConfig {
             resolution: 512,
             flip: false,
             loop_cfg: LoopConfig::default(),
-            output: None,
-            export_format: ExportFormat::Diffusers,
+            output_dir: output_dir.into(),
+            export_options: ExportOptions::default(),
             export_info,
         }
     }
@@ -129,8 +90,8 @@ pub enum TrainOutcome {
     Completed {
         steps: u64,
         last_loss: Option<f64>,
-        weights: ExportedWeights,
-        weights_path: Option<PathBuf>,
+        /// The output files, relative to the output directory.
+        files: Vec<PathBuf>,
     },
     Canceled {
         steps: u64,
@@ -190,7 +151,7 @@ pub fn run(
     class_generator: Option<&dyn ClassImageGenerator>,
     callbacks: &mut Callbacks<'_>,
 ) -> Result<TrainOutcome, TrainError> {
-    if cfg.export_format == ExportFormat::Kohya && !matches!(cfg.method, MethodConfig::Lora(_)) {
+    if cfg.export_options.kohya && !matches!(cfg.method, MethodConfig::Lora(_)) {
         return Err(TrainError::Config(
             "the kohya layout exists for LoRA only".into(),
         ));
@@ -231,6 +192,7 @@ pub fn run(
                 .map(|path| CaptionedPhoto {
                     source: PhotoSource::Path(path),
                     caption: p.class_prompt.clone(),
+                    mask: None,
                 })
                 .collect();
             Some(LatentSet::encode(
@@ -248,15 +210,32 @@ pub fn run(
             last_checkpoint: None,
         });
     }
+    // A method that draws a new view of each photo every step encodes the views itself; the
+    // cached latents still give the examples and their captions.
+    let augment_photos = match method.augmentation() {
+        Some(_) => Some(AugmentPhotos::prepare(
+            &cfg.photos,
+            cfg.resolution,
+            cfg.flip,
+        )?),
+        None => None,
+    };
     let inputs = TrainInputs {
-        unet: &unet,
-        text_encoder: &text,
+        unet: &mut unet,
+        text_encoder: &mut text,
         schedule: &models.schedule,
         method: method.as_ref(),
         instance: &instance,
         class: class.as_ref(),
     };
     let mut trainer = Trainer::new(inputs, cfg.loop_cfg.clone())?;
+    if let (Some(augmentation), Some(photos)) = (method.augmentation(), &augment_photos) {
+        trainer = trainer.with_augmentation(Augmenter {
+            augmentation,
+            photos,
+            vae: &models.vae,
+        })?;
+    }
     match trainer.run(callbacks)? {
         LoopOutcome::Canceled {
             steps,
@@ -269,29 +248,23 @@ pub fn run(
         LoopOutcome::Completed {
             steps, last_loss, ..
         } => {
+            drop(trainer);
             let info = ExportInfo {
                 steps,
                 ..cfg.export_info.clone()
             };
-            let mut weights = method.export(&info)?;
-            if cfg.export_format == ExportFormat::Kohya {
-                weights = to_kohya(&weights)?;
-            }
-            let weights_path = match &cfg.output {
-                Some(p) => {
-                    if let Some(parent) = p.parent().filter(|d| !d.as_os_str().is_empty()) {
-                        std::fs::create_dir_all(parent)?;
-                    }
-                    weights.save(p)?;
-                    Some(p.clone())
-                }
-                None => None,
+            let ctx = ExportContext {
+                info: &info,
+                options: &cfg.export_options,
+                unet: &unet,
+                text_encoder: &text,
+                base: models,
             };
+            let files = method.write_output(&ctx, &cfg.output_dir)?;
             Ok(TrainOutcome::Completed {
                 steps,
                 last_loss,
-                weights,
-                weights_path,
+                files,
             })
         }
     }
@@ -357,40 +330,9 @@ pub fn photos_from_dir(
             caption: captions
                 .map(|c| c[i].clone())
                 .unwrap_or_else(|| default_caption.to_string()),
+            mask: None,
         })
         .collect())
-}
-
-impl TrainModels {
-    /// The built-in tiny model (seeded random weights, f32 on the CPU) for tests and `dev`.
-    pub fn tiny(seed: u64) -> Result<Self, TrainError> {
-        let t =
-            crate::tiny::TinyModel::build(seed).map_err(|e| TrainError::Config(e.to_string()))?;
-        Self::from_pipeline(&t.sd)
-    }
-
-    /// The models of a loaded pipeline (shares its tensors).
-    pub fn from_pipeline(sd: &crate::pipeline::StableDiffusion) -> Result<Self, TrainError> {
-        let sched = sd
-            .scheduler()
-            .map_err(|e| TrainError::Config(e.to_string()))?;
-        Ok(Self {
-            unet: UNetDenoiser {
-                model: sd.unet.clone(),
-                dtype: sd.dtype,
-            },
-            text_encoder: ClipPromptEncoder {
-                model: sd.text_encoder.clone(),
-                tokenizer: sd.tokenizer.clone(),
-            },
-            vae: VaeEncoder {
-                model: sd.vae.clone(),
-                dtype: sd.dtype,
-            },
-            schedule: NoiseSchedule::from_ddim(&sched)?,
-            device: sd.device.clone(),
-        })
-    }
 }
 
 /// Class images sampled from the base model with DDIM (50 steps, guidance 7.5), image `i` with

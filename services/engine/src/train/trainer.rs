@@ -17,10 +17,11 @@ use std::sync::Arc;
 use candle_core::{DType, Tensor, Var};
 use rand::Rng;
 
+use super::augment::Augmenter;
 use super::checkpoint::{self, CheckpointState};
 use super::data::LatentSet;
 use super::host::{Denoiser, NoiseSchedule, PromptEncoder};
-use super::method::TrainingMethod;
+use super::method::{ModelsMut, TrainingMethod};
 use super::optim::{self, AdamW, AdamWConfig};
 use super::rng::{self, Stream};
 use super::schedule::LrSchedule;
@@ -54,6 +55,8 @@ pub struct LoopConfig {
     pub max_grad_norm: Option<f64>,
     /// Weight of the class-prior loss (used when class examples are given).
     pub prior_loss_weight: f64,
+    /// Restrict the instance loss to the examples' masks.
+    pub masked_loss: Option<MaskedLossConfig>,
     /// Write a checkpoint every this many optimizer steps (0: never).
     pub checkpoint_every: u64,
     pub checkpoint_dir: Option<PathBuf>,
@@ -73,6 +76,7 @@ impl Default for LoopConfig {
             adamw: AdamWConfig::default(),
             max_grad_norm: Some(1.0),
             prior_loss_weight: 1.0,
+            masked_loss: None,
             checkpoint_every: 0,
             checkpoint_dir: None,
             keep_checkpoints: 0,
@@ -143,15 +147,65 @@ impl LoopOutcome {
     }
 }
 
-/// What the loop trains on. The method's parameters must already be attached to the models.
+/// What the loop trains on. The method's parameters must already be attached to the models,
+/// which the loop hands back to the method before every forward pass
+/// ([`TrainingMethod::prepare`]).
 pub struct TrainInputs<'a> {
-    pub unet: &'a dyn Denoiser,
-    pub text_encoder: &'a dyn PromptEncoder,
+    pub unet: &'a mut dyn Denoiser,
+    pub text_encoder: &'a mut dyn PromptEncoder,
     pub schedule: &'a NoiseSchedule,
     pub method: &'a dyn TrainingMethod,
     pub instance: &'a LatentSet,
     /// Class images for prior preservation.
     pub class: Option<&'a LatentSet>,
+}
+
+/// What one micro-batch trains on: scaled latents `x0` (instances first, then class examples),
+/// the noise, the timesteps, the captions, and each instance's loss mask at latent resolution.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    pub x0: Tensor,
+    pub noise: Tensor,
+    pub timesteps: Vec<u32>,
+    pub captions: Vec<String>,
+    /// One per example; class examples have none.
+    pub masks: Vec<Option<Tensor>>,
+    /// How many of the examples (at the end) are class examples.
+    pub class_count: usize,
+}
+
+/// Restricting the instance loss to the subject (the job's masked-loss setting).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct MaskedLossConfig {
+    pub normalization: MaskNormalization,
+    /// Weight of the loss outside the mask.
+    pub unmasked_weight: f64,
+}
+
+/// How a masked loss is averaged (the choices of kohya sd-scripts and OneTrainer).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MaskNormalization {
+    /// `mean(w * (pred - target)^2)` over the whole latent (kohya's `apply_masked_loss`).
+    Kohya,
+    /// The same divided by `mean(w)` (OneTrainer's `normalize_masked_area_loss`).
+    MaskedArea,
+}
+
+impl MaskedLossConfig {
+    /// The loss of one example whose mask `m` is `[1, 1, h, w]` in [0, 1].
+    pub fn loss(&self, pred: &Tensor, target: &Tensor, m: &Tensor) -> candle_core::Result<Tensor> {
+        let w = m.clamp(self.unmasked_weight, 1.0)?.to_dtype(DType::F32)?;
+        let sq = (pred.to_dtype(DType::F32)? - target.to_dtype(DType::F32)?)?.sqr()?;
+        let weighted = sq.broadcast_mul(&w)?.mean_all()?;
+        match self.normalization {
+            MaskNormalization::Kohya => Ok(weighted),
+            MaskNormalization::MaskedArea => {
+                let area = w.mean_all()?.clamp(1e-8, 1.0)?;
+                weighted / area
+            }
+        }
+    }
 }
 
 /// Loss of one micro-batch, with the graph for backpropagation.
@@ -171,6 +225,8 @@ pub struct Trainer<'a> {
     step: u64,
     last_loss: Option<f64>,
     last_checkpoint: Option<PathBuf>,
+    /// Per-step views of the instance photos (see [`Trainer::with_augmentation`]).
+    augment: Option<Augmenter<'a>>,
 }
 
 fn mse(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
@@ -221,6 +277,10 @@ impl<'a> Trainer<'a> {
         let opt = AdamW::new(params.iter().cloned(), cfg.adamw.clone())?;
         let mut prompt_cache = HashMap::new();
         if !inputs.method.trains_text_encoder() {
+            inputs.method.prepare(ModelsMut {
+                unet: &mut *inputs.unet,
+                text_encoder: &mut *inputs.text_encoder,
+            })?;
             let dev = inputs.instance.examples[0].latents.mean.device().clone();
             let captions = inputs
                 .instance
@@ -236,7 +296,7 @@ impl<'a> Trainer<'a> {
                 .map(|e| e.caption.clone());
             for c in captions {
                 if !prompt_cache.contains_key(&c) {
-                    let emb = encode_prompt(inputs.text_encoder, &c, &dev)?.detach();
+                    let emb = encode_prompt(&*inputs.text_encoder, &c, &dev)?.detach();
                     prompt_cache.insert(c, emb);
                 }
             }
@@ -250,9 +310,38 @@ impl<'a> Trainer<'a> {
             step: 0,
             last_loss: None,
             last_checkpoint: None,
+            augment: None,
         };
         t.maybe_resume()?;
         Ok(t)
+    }
+
+    /// Trains on a new view of each instance photo every step, drawn by the method's
+    /// augmentation and encoded by the VAE that step, with the instance loss weighted by the
+    /// view's mask: by the run's masked-loss setting if it has one (the view's mask then also
+    /// holds the subject mask), else as the augmentation says.
+    pub fn with_augmentation(mut self, augmenter: Augmenter<'a>) -> Result<Self, TrainError> {
+        if augmenter.photos.len() != self.inputs.instance.len() {
+            return Err(TrainError::Config(format!(
+                "{} photos to augment for {} training examples",
+                augmenter.photos.len(),
+                self.inputs.instance.len()
+            )));
+        }
+        if self
+            .cfg
+            .masked_loss
+            .is_some_and(|m| m.unmasked_weight > 0.0)
+        {
+            // The weight would also apply where the view holds no photo (its padding).
+            return Err(TrainError::Config(
+                "a masked loss with unmasked_weight > 0 cannot be combined with the method's \
+                 augmentation"
+                    .into(),
+            ));
+        }
+        self.augment = Some(augmenter);
+        Ok(self)
     }
 
     /// Optimizer steps completed.
@@ -276,6 +365,7 @@ impl<'a> Trainer<'a> {
             "instance_examples": self.inputs.instance.len(),
             "class_examples": self.inputs.class.map(|c| c.len()),
             "prior_loss_weight": self.cfg.prior_loss_weight,
+            "masked_loss": self.cfg.masked_loss,
             "prediction": self.inputs.schedule.prediction,
         })
     }
@@ -336,7 +426,7 @@ impl<'a> Trainer<'a> {
         for c in captions {
             match self.prompt_cache.get(*c) {
                 Some(t) => out.push(t.clone()),
-                None => out.push(encode_prompt(self.inputs.text_encoder, c, &dev)?),
+                None => out.push(encode_prompt(&*self.inputs.text_encoder, c, &dev)?),
             }
         }
         Ok(Tensor::cat(&out, 0)?)
@@ -353,36 +443,94 @@ impl<'a> Trainer<'a> {
         perm[(k % n) as usize]
     }
 
-    /// The loss of micro-batch `index` (counted over the whole run), with its graph.
-    pub fn micro_loss(&self, index: u64) -> Result<MicroLoss, TrainError> {
+    /// The examples, noise and timesteps of micro-batch `index` (counted over the whole run),
+    /// all drawn from generators derived from `(seed, index)`.
+    pub fn batch(&self, index: u64) -> Result<Batch, TrainError> {
         let bs = self.cfg.batch_size;
         let mut r = rng::rng_for(self.cfg.seed, Stream::Step, index);
         let inst = self.inputs.instance;
         let mut latents = Vec::new();
-        let mut captions: Vec<&str> = Vec::new();
+        let mut captions = Vec::new();
+        let mut masks = Vec::new();
         for b in 0..bs {
             let i = self.pick(inst.len(), index * bs as u64 + b as u64, 0);
-            latents.push(inst.sample(i, &mut r)?);
-            captions.push(&inst.examples[i].caption);
+            let caption = &inst.examples[i].caption;
+            let (x, mask, caption) = match &self.augment {
+                Some(a) => {
+                    let dev = inst.examples[i].latents.mean.device();
+                    let masked = self.cfg.masked_loss.is_some();
+                    let (x, weights, caption) = a.sample(i, caption, masked, &mut r, dev)?;
+                    (x, Some(weights), caption)
+                }
+                None => {
+                    let (x, mask) = inst.sample_with_mask(i, &mut r)?;
+                    (x, mask, caption.clone())
+                }
+            };
+            latents.push(x);
+            masks.push(mask);
+            captions.push(caption);
         }
+        let mut class_count = 0;
         if let Some(class) = self.inputs.class {
             for b in 0..bs {
                 let i = self.pick(class.len(), index * bs as u64 + b as u64, 1 << 40);
                 latents.push(class.sample(i, &mut r)?);
-                captions.push(&class.examples[i].caption);
+                masks.push(None);
+                captions.push(class.examples[i].caption.clone());
+                class_count += 1;
             }
         }
         let x0 = Tensor::cat(&latents, 0)?;
         let noise = rng::randn(&mut r, x0.dims(), x0.device())?;
         let t_max = self.inputs.schedule.num_train_timesteps() as u32;
         let timesteps: Vec<u32> = (0..x0.dims()[0]).map(|_| r.gen_range(0..t_max)).collect();
-        let noisy = self.inputs.schedule.add_noise(&x0, &noise, &timesteps)?;
-        let target = self.inputs.schedule.target(&x0, &noise, &timesteps)?;
+        Ok(Batch {
+            x0,
+            noise,
+            timesteps,
+            captions,
+            masks,
+            class_count,
+        })
+    }
+
+    /// The loss of micro-batch `index`, with its graph.
+    pub fn micro_loss(&mut self, index: u64) -> Result<MicroLoss, TrainError> {
+        let batch = self.batch(index)?;
+        self.loss_on(&batch)
+    }
+
+    /// The loss of a given batch, with its graph (parity tests feed the batch of a reference
+    /// implementation). The method first puts its current weights into the models.
+    pub fn loss_on(&mut self, batch: &Batch) -> Result<MicroLoss, TrainError> {
+        self.inputs.method.prepare(ModelsMut {
+            unet: &mut *self.inputs.unet,
+            text_encoder: &mut *self.inputs.text_encoder,
+        })?;
+        let noisy = self
+            .inputs
+            .schedule
+            .add_noise(&batch.x0, &batch.noise, &batch.timesteps)?;
+        let target = self
+            .inputs
+            .schedule
+            .target(&batch.x0, &batch.noise, &batch.timesteps)?;
+        let captions: Vec<&str> = batch.captions.iter().map(String::as_str).collect();
         let ctx = self.contexts(&captions)?;
-        let pred = self.inputs.unet.predict(&noisy, &timesteps, &ctx)?;
-        if self.inputs.class.is_some() {
-            let inst_loss = mse(&pred.narrow(0, 0, bs)?, &target.narrow(0, 0, bs)?)?;
-            let prior_loss = mse(&pred.narrow(0, bs, bs)?, &target.narrow(0, bs, bs)?)?;
+        let pred = self.inputs.unet.predict(&noisy, &batch.timesteps, &ctx)?;
+        let n = batch.x0.dims()[0];
+        let instances = n - batch.class_count;
+        let inst_loss = self.instance_loss(
+            &pred.narrow(0, 0, instances)?,
+            &target.narrow(0, 0, instances)?,
+            &batch.masks[..instances],
+        )?;
+        if batch.class_count > 0 {
+            let prior_loss = mse(
+                &pred.narrow(0, instances, batch.class_count)?,
+                &target.narrow(0, instances, batch.class_count)?,
+            )?;
             let loss = (&inst_loss + (&prior_loss * self.cfg.prior_loss_weight)?)?;
             Ok(MicroLoss {
                 loss,
@@ -390,14 +538,43 @@ impl<'a> Trainer<'a> {
                 prior_loss: Some(prior_loss.to_scalar::<f32>()? as f64),
             })
         } else {
-            let loss = mse(&pred, &target)?;
-            let v = loss.to_scalar::<f32>()? as f64;
+            let v = inst_loss.to_scalar::<f32>()? as f64;
             Ok(MicroLoss {
-                loss,
+                loss: inst_loss,
                 instance_loss: v,
                 prior_loss: None,
             })
         }
+    }
+
+    /// MSE of the instance examples; with a masked loss, weighted by each example's mask
+    /// (outside it by `unmasked_weight`) and normalised as the setting says. Examples without a
+    /// mask count everywhere.
+    fn instance_loss(
+        &self,
+        pred: &Tensor,
+        target: &Tensor,
+        masks: &[Option<Tensor>],
+    ) -> Result<Tensor, TrainError> {
+        let augmented = self.augment.as_ref().map(|a| a.augmentation.loss());
+        let Some(masked) = &self.cfg.masked_loss.or(augmented) else {
+            return Ok(mse(pred, target)?);
+        };
+        let mut total: Option<Tensor> = None;
+        for (i, mask) in masks.iter().enumerate() {
+            let p = pred.narrow(0, i, 1)?;
+            let t = target.narrow(0, i, 1)?;
+            let l = match mask {
+                None => mse(&p, &t)?,
+                Some(m) => masked.loss(&p, &t, m)?,
+            };
+            total = Some(match total {
+                None => l,
+                Some(acc) => (acc + l)?,
+            });
+        }
+        let total = total.ok_or_else(|| TrainError::Config("an empty batch".into()))?;
+        Ok((total / masks.len() as f64)?)
     }
 
     /// Gradients of `loss` for every trainable parameter (by name). A parameter outside the
@@ -451,7 +628,9 @@ impl<'a> Trainer<'a> {
             None => optim::global_norm(grads.values())?,
         };
         let lr = self.cfg.lr.lr_at(self.step);
-        self.opt.step(&grads, lr)?;
+        let method = self.inputs.method;
+        self.opt
+            .step_with(&grads, |name| method.learning_rate(name, lr))?;
         self.inputs.method.after_step()?;
         self.step += 1;
         let n = accum as f64;

@@ -1,10 +1,14 @@
-//! The generate stage: samples the job's prompts with the trained LoRA (DDIM, classifier-free
-//! guidance), one PNG per image with its prompt and seed in PNG text chunks, plus, when the
+//! The generate stage: samples the job's prompts with the trained weights of whatever method
+//! trained them (the `weights/` artifacts, loaded as the engine's registry reads that method's
+//! output; DDIM, classifier-free guidance), one PNG per image with its prompt and seed in PNG
+//! text chunks, plus, when the
 //! prompt contains the identifier, where the identifier token looks (the paper's
 //! cross-attention analysis): the overlay `attention/PP-KK.png` and the averaged map itself,
 //! `attention/PP-KK.npy` (float32, latent resolution), which the evaluate stage measures.
 //!
-//! The prompts are the spec's, or the DreamBooth dataset's 25 for the subject's kind. Image `k`
+//! The prompts are the spec's, or the DreamBooth dataset's 25 for the subject's kind, with the
+//! token written as the method learned it (`<sks>` for Textual Inversion and Custom Diffusion).
+//! Image `k`
 //! of prompt `p` uses seed `seed + k`, the same for every prompt, so prompts compare on equal
 //! noise. Each image is stored as soon as it exists (its map and overlay first); a resumed
 //! stage skips the images already stored.
@@ -17,6 +21,7 @@ use sidbooth_engine::{
     attention::{map_to_npy, overlay_heatmap},
     pipeline::{GenerateRequest, StableDiffusion},
     png_text,
+    train::registry,
 };
 use tokio::sync::mpsc;
 
@@ -24,7 +29,7 @@ use crate::{
     engine::{fork, CancelOnDrop},
     error::StageError,
     stage::{StageContext, StageOutcome, StageRunner},
-    stages::train::LORA_SAFETENSORS,
+    stages::train::WEIGHTS_PREFIX,
 };
 
 /// Opacity of the attention heatmap over the generated image.
@@ -99,28 +104,35 @@ fn sample(
 async fn run(cx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
     let job = cx.job;
     let settings: GenerateSettings = job.spec.generate.clone().unwrap_or_default();
-    let prompts = job.spec.prompts();
+    let train = job.spec.train.clone().unwrap_or_default();
+    let token = job.spec.token.to_string();
+    let prompts: Vec<String> = job
+        .spec
+        .prompts()
+        .iter()
+        .map(|p| train.rewrite_token(p, &token))
+        .collect();
 
-    // The base model with the job's LoRA attached.
+    // The base model with the job's trained weights in it.
     let base = cx.engine.base().await?;
-    let lora_bytes = cx.io.artifact(LORA_SAFETENSORS).await?.ok_or_else(|| {
-        StageError::permanent("weights_missing", "the trained LoRA weights are missing")
-    })?;
     let workdir =
         tempfile::tempdir().map_err(|e| StageError::transient("workdir", e.to_string()))?;
-    let lora_path = workdir.path().join(LORA_SAFETENSORS);
-    std::fs::write(&lora_path, &lora_bytes)
-        .map_err(|e| StageError::transient("workdir", e.to_string()))?;
-    let model = tokio::task::spawn_blocking(move || {
+    let weights = workdir.path().join("weights");
+    if cx.io.download_prefix(WEIGHTS_PREFIX, &weights).await? == 0 {
+        return Err(StageError::permanent(
+            "weights_missing",
+            "the trained weights are missing",
+        ));
+    }
+    let (model, method) = tokio::task::spawn_blocking(move || {
         let mut model = fork(&base);
-        model.load_lora(&lora_path, 1.0).map(|_| model)
+        registry::load_weights(&mut model, &weights, 1.0).map(|method| (model, method))
     })
     .await
     .map_err(|e| StageError::transient("engine_panic", e.to_string()))?
     .map_err(engine_error)?;
     let model = Arc::new(model);
-
-    let token = job.spec.token.to_string();
+    let token = train.prompt_token(&token);
     let per_prompt = settings.images_per_prompt as usize;
     let total = prompts.len() * per_prompt;
     let steps = settings.steps as usize;
@@ -180,7 +192,7 @@ async fn run(cx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
                 ("guidance_scale", settings.guidance_scale.to_string()),
                 ("sampler", "DDIM".to_owned()),
                 ("base_model", cx.engine.args().model_name()),
-                ("lora", LORA_SAFETENSORS.to_owned()),
+                ("method", method.to_owned()),
                 ("job_id", job.id.to_string()),
             ];
             if let Some((map, overlay)) = &sampled.attention {

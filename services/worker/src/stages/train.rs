@@ -1,5 +1,9 @@
-//! The train stage: LoRA fine-tuning of the base model on the job's photos, one (approved)
-//! description per photo as its caption.
+//! The train stage: personalization of the base model on the job's photos with the spec's
+//! method (LoRA, DreamBooth, Textual Inversion, Custom Diffusion, SVDiff), one (approved)
+//! description per photo as its caption, optionally with the loss restricted to the subject
+//! masks. The method's output files become the artifacts `weights/<file>`; class images for
+//! prior preservation are cached in storage per base model and class prompt, so a second job
+//! does not sample them again.
 //!
 //! The engine runs on a blocking thread and reports through a channel: every step (loss, lr)
 //! becomes a progress event, every checkpoint is uploaded to storage under the job's `work/`
@@ -13,15 +17,26 @@ use std::{
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
-use sidbooth_domain::{Stage, TrainMethod};
+use sha2::{Digest, Sha256};
+use sidbooth_core::mask_artifact_name;
+use sidbooth_domain::{
+    train::{MaskNormalization, TrainSettings},
+    Stage,
+};
 use sidbooth_engine::train::{
     self,
     checkpoint::{OPTIMIZER_FILE, STATE_FILE, TRAINABLE_FILE},
-    data::{CaptionedPhoto, PhotoSource},
-    method::{ExportInfo, LoraConfig},
-    run::{MethodConfig, PriorConfig, TrainConfig, TrainModels, TrainOutcome},
+    data::{list_images, CaptionedPhoto, PhotoSource},
+    method::ExportInfo,
+    run::{PriorConfig, TrainConfig, TrainOutcome},
     schedule::LrSchedule,
-    trainer::{Callbacks, LoopConfig, Resume, StepReport},
+    trainer::{
+        Callbacks, LoopConfig, MaskNormalization as EngineNormalization, MaskedLossConfig,
+        Resume, StepReport,
+    },
+    optim::AdamWConfig,
+    registry::export_options,
+    MethodConfig, SettingsContext, TrainModels,
 };
 use tokio::sync::mpsc;
 
@@ -46,7 +61,8 @@ impl StageRunner for Train {
     }
 }
 
-pub const LORA_SAFETENSORS: &str = "lora.safetensors";
+/// Artifact names of the method's output files: `weights/<file>`.
+pub const WEIGHTS_PREFIX: &str = "weights/";
 pub const TRAINING_JSON: &str = "training.json";
 const CHECKPOINT_FILES: [&str; 3] = [TRAINABLE_FILE, OPTIMIZER_FILE, STATE_FILE];
 /// Progress events are written at most this often (plus the last step).
@@ -82,54 +98,54 @@ async fn restore_checkpoint(
     let dir = root.join(&name);
     std::fs::create_dir_all(&dir).map_err(|e| StageError::transient("workdir", e.to_string()))?;
     for file in CHECKPOINT_FILES {
-        let bytes = cx
+        if !cx
             .io
-            .work(&checkpoint_name(&name, file))
+            .work_to_file(&checkpoint_name(&name, file), &dir.join(file))
             .await?
-            .ok_or_else(|| {
-                StageError::permanent(
-                    "checkpoint_missing",
-                    format!("checkpoint {name} lacks {file}"),
-                )
-            })?;
-        std::fs::write(dir.join(file), &bytes)
-            .map_err(|e| StageError::transient("workdir", e.to_string()))?;
+        {
+            return Err(StageError::permanent(
+                "checkpoint_missing",
+                format!("checkpoint {name} lacks {file}"),
+            ));
+        }
     }
     Ok(Some(name))
 }
 
-/// Uploads a checkpoint directory, then moves the `latest` pointer to it.
+/// Uploads a checkpoint directory, moves the `latest` pointer to it, then deletes the
+/// checkpoint the pointer named before: only the newest is ever resumed from, and older ones
+/// would pile up (gigabytes each for full fine-tuning).
 async fn upload_checkpoint(cx: &StageContext<'_>, dir: &Path) -> Result<(), StageError> {
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .ok_or_else(|| engine_error("checkpoint directory without a name"))?;
     for file in CHECKPOINT_FILES {
-        let bytes = std::fs::read(dir.join(file))
-            .map_err(|e| StageError::transient("workdir", e.to_string()))?;
         cx.io
-            .put_work(&checkpoint_name(&name, file), Bytes::from(bytes))
+            .put_work_file(&checkpoint_name(&name, file), &dir.join(file))
             .await?;
     }
-    cx.io.put_work(LATEST, Bytes::from(name)).await
+    let before = cx.io.work(LATEST).await?;
+    cx.io.put_work(LATEST, Bytes::from(name.clone())).await?;
+    let Some(before) = before.map(|b| String::from_utf8_lossy(&b).trim().to_owned()) else {
+        return Ok(());
+    };
+    if before != name {
+        for file in CHECKPOINT_FILES {
+            if let Err(e) = cx.io.delete_work_file(&checkpoint_name(&before, file)).await {
+                tracing::warn!(checkpoint = %before, error = ?e, "could not delete an old checkpoint");
+            }
+        }
+    }
+    Ok(())
 }
 
-#[tracing::instrument(skip_all, fields(job_id = %cx.job.id))]
-async fn run(cx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
-    let job = cx.job;
-    let settings = job.spec.train.clone().unwrap_or_default();
-    if settings.method != TrainMethod::Lora {
-        return Err(StageError::permanent(
-            "method_not_available",
-            format!(
-                "training method {} is not available",
-                settings.method.as_str()
-            ),
-        ));
-    }
-    let engine = cx.engine.base().await?;
-
-    // Photos with their descriptions, in upload order.
+/// The photos with their descriptions (the token rewritten for the methods that learn
+/// `<token>`) and, for masked-loss training, their subject masks.
+async fn photos(
+    cx: &StageContext<'_>,
+    settings: &TrainSettings,
+) -> Result<Vec<CaptionedPhoto>, StageError> {
     let images = cx.io.images().await?;
     let descriptions = cx.io.descriptions().await?;
     if descriptions.len() != images.len() || descriptions.iter().any(|d| d.problem.is_some()) {
@@ -138,17 +154,103 @@ async fn run(cx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
             "training needs one valid description per photo",
         ));
     }
+    let token = cx.job.spec.token.to_string();
     let mut photos = Vec::with_capacity(images.len());
     for (image, description) in images.iter().zip(&descriptions) {
-        let bytes = cx.io.photo(image).await?;
-        let decoded = image::load_from_memory(&bytes).map_err(|e| {
-            StageError::permanent("input_unreadable", format!("{}: {e}", image.file_name))
-        })?;
+        let mask = match settings.masked_loss() {
+            None => None,
+            Some(_) => {
+                let name = mask_artifact_name(image.idx);
+                let bytes = cx.io.artifact(&name).await?.ok_or_else(|| {
+                    StageError::permanent(
+                        "mask_missing",
+                        format!(
+                            "masked-loss training needs a subject mask for every photo; photo {} \
+                             ({}) has none (upload masks or configure SAM)",
+                            image.idx, image.file_name
+                        ),
+                    )
+                })?;
+                let mask = sidbooth_evaluate::mask::Mask::from_png(&bytes)
+                    .map_err(|e| StageError::permanent("mask_invalid", format!("{name}: {e}")))?;
+                Some(mask.as_gray().clone())
+            }
+        };
         photos.push(CaptionedPhoto {
-            source: PhotoSource::Image(decoded.to_rgb8()),
-            caption: description.text.clone(),
+            source: PhotoSource::Image(cx.io.photo_rgb(image).await?),
+            caption: settings.rewrite_token(&description.text, &token),
+            mask,
         });
     }
+    Ok(photos)
+}
+
+/// Where the class images of a (base model, prompt, resolution, seed) live in storage.
+fn class_cache(model: &str, prompt: &str, resolution: u32, seed: u64) -> String {
+    let id = hex::encode(Sha256::digest(
+        format!("{model}\n{prompt}\n{resolution}\n{seed}").as_bytes(),
+    ));
+    format!("class-images/{}", &id[..32])
+}
+
+/// Downloads the cached class images into `dir`; returns their names.
+async fn restore_class_images(
+    cx: &StageContext<'_>,
+    prefix: &str,
+    dir: &Path,
+) -> Result<Vec<String>, StageError> {
+    std::fs::create_dir_all(dir).map_err(|e| StageError::transient("workdir", e.to_string()))?;
+    let mut names = Vec::new();
+    for key in cx.io.list_shared(prefix).await? {
+        let Some(name) = key.rsplit('/').next().map(str::to_owned) else {
+            continue;
+        };
+        if let Some(bytes) = cx.io.shared(&key).await? {
+            std::fs::write(dir.join(&name), &bytes)
+                .map_err(|e| StageError::transient("workdir", e.to_string()))?;
+            names.push(name);
+        }
+    }
+    Ok(names)
+}
+
+/// Uploads the class images the run sampled (those not in `cached`).
+async fn cache_class_images(
+    cx: &StageContext<'_>,
+    prefix: &str,
+    dir: &Path,
+    cached: &[String],
+) -> Result<(), StageError> {
+    let paths = list_images(dir).map_err(|e| StageError::transient("workdir", e.to_string()))?;
+    for path in paths {
+        let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        if cached.contains(&name) {
+            continue;
+        }
+        let bytes =
+            std::fs::read(&path).map_err(|e| StageError::transient("workdir", e.to_string()))?;
+        cx.io
+            .put_shared(&format!("{prefix}/{name}"), Bytes::from(bytes))
+            .await?;
+    }
+    Ok(())
+}
+
+#[tracing::instrument(skip_all, fields(job_id = %cx.job.id))]
+async fn run(cx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
+    let job = cx.job;
+    let spec = &job.spec;
+    let settings = spec.train.clone().unwrap_or_default();
+    let method = MethodConfig::from_settings(
+        &settings,
+        &SettingsContext {
+            token: spec.token.to_string(),
+            class: spec.subject_class.to_string(),
+        },
+    )
+    .map_err(|e| StageError::permanent("method_not_available", e.to_string()))?;
+    let engine = cx.engine.base().await?;
+    let photos = photos(cx, &settings).await?;
 
     let workdir =
         tempfile::tempdir().map_err(|e| StageError::transient("workdir", e.to_string()))?;
@@ -159,15 +261,11 @@ async fn run(cx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
     }
 
     let resolution = (engine.unet.config.sample_size.unwrap_or(64) * engine.vae_scale()) as u32;
-    let max_steps = u64::from(settings.steps);
-    let spec = &job.spec;
+    let max_steps = u64::from(settings.steps());
+    let seed = settings.seed();
+    let output = workdir.path().join("output");
     let mut config = TrainConfig::new(
-        MethodConfig::Lora(LoraConfig {
-            rank: settings.rank as usize,
-            alpha: settings.rank as f64,
-            train_text_encoder: settings.train_text_encoder,
-            ..LoraConfig::default()
-        }),
+        method,
         photos,
         ExportInfo {
             base_model: cx.engine.args().model_name(),
@@ -176,34 +274,56 @@ async fn run(cx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
             description_case: spec.descriptions.case.as_str().to_owned(),
             steps: 0,
         },
+        &output,
     );
     config.resolution = resolution;
+    config.export_options = export_options(&settings);
     config.loop_cfg = LoopConfig {
-        seed: settings.seed,
+        seed,
+        adamw: AdamWConfig {
+            moments: settings.optimizer_state(),
+            ..AdamWConfig::default()
+        },
         max_steps,
-        lr: LrSchedule::constant(settings.learning_rate),
+        lr: LrSchedule::constant(settings.learning_rate()),
+        prior_loss_weight: settings.prior().map_or(1.0, |(w, _)| w),
+        masked_loss: settings.masked_loss().map(|m| MaskedLossConfig {
+            normalization: match m.normalization {
+                MaskNormalization::Kohya => EngineNormalization::Kohya,
+                MaskNormalization::MaskedArea => EngineNormalization::MaskedArea,
+            },
+            unmasked_weight: m.unmasked_weight,
+        }),
         checkpoint_every: cx.engine.args().checkpoint_every.min(max_steps.max(1)),
         checkpoint_dir: Some(checkpoints.clone()),
         keep_checkpoints: 3,
         resume: Resume::Latest,
         ..LoopConfig::default()
     };
-    if settings.prior_preservation {
+    let class_images = workdir.path().join("class-images");
+    let mut class_cache_key = None;
+    if let Some((_, n)) = settings.prior() {
+        let prompt = spec.mode.class_prompt(&spec.subject_class);
+        let key = class_cache(&cx.engine.args().model_name(), &prompt, resolution, seed);
+        let cached = restore_class_images(cx, &key, &class_images).await?;
+        tracing::info!(cached = cached.len(), needed = n, "class images");
+        class_cache_key = Some((key, cached));
         config.prior = Some(PriorConfig {
-            class_prompt: spec.mode.class_prompt(&spec.subject_class),
-            class_dir: workdir.path().join("class-images"),
-            num_class_images: settings.num_class_images as usize,
-            seed: settings.seed,
+            class_prompt: prompt,
+            class_dir: class_images.clone(),
+            num_class_images: n as usize,
+            seed,
         });
     }
-    let output = workdir.path().join(LORA_SAFETENSORS);
-    config.output = Some(output.clone());
 
     // The engine thread.
     let cancel = CancelOnDrop::new();
     let flag = cancel.flag();
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let models = TrainModels::from_pipeline(&engine).map_err(engine_error)?;
+    let mut models = TrainModels::from_pipeline(&engine).map_err(engine_error)?;
+    if let Some(source) = cx.engine.args().base_source() {
+        models = models.with_source(source);
+    }
     let training = tokio::task::spawn_blocking(move || {
         let step_tx = tx.clone();
         let mut callbacks = Callbacks::default()
@@ -249,20 +369,29 @@ async fn run(cx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
         .map_err(|e| StageError::transient("engine_panic", e.to_string()))?
         .map_err(engine_error)?;
     drop(cancel);
-    let (steps, last_loss) = match outcome {
+    let (steps, last_loss, files) = match outcome {
         TrainOutcome::Completed {
-            steps, last_loss, ..
-        } => (steps, last_loss),
+            steps,
+            last_loss,
+            files,
+        } => (steps, last_loss, files),
         TrainOutcome::Canceled { .. } => return Err(StageError::Interrupted),
     };
 
-    let weights =
-        std::fs::read(&output).map_err(|e| StageError::transient("workdir", e.to_string()))?;
-    cx.io
-        .store(LORA_SAFETENSORS, "application/octet-stream", weights)
-        .await?;
+    if let Some((key, cached)) = &class_cache_key {
+        cache_class_images(cx, key, &class_images, cached).await?;
+    }
+    for file in &files {
+        let name = format!("{WEIGHTS_PREFIX}{}", file.display());
+        let content_type = match file.extension().and_then(|e| e.to_str()) {
+            Some("json") => "application/json",
+            Some("txt") => "text/plain",
+            _ => "application/octet-stream",
+        };
+        cx.io.store_file(&name, content_type, &output.join(file)).await?;
+    }
     let summary = serde_json::json!({
-        "method": "lora",
+        "method": settings.method().as_str(),
         "base_model": cx.engine.args().model_name(),
         "steps": steps,
         "resolution": resolution,

@@ -90,6 +90,7 @@ impl Env {
             vlm: default_vlm_args(),
             engine: Default::default(),
             evaluate: Default::default(),
+            upload_part_mib: 64,
             concurrency: 2,
             shutdown_mode: mode,
         }

@@ -1,100 +1,35 @@
-//! Training methods: each is a parameterization of the frozen base models.
-//!
-//! A [`TrainingMethod`] creates its trainable parameters, attaches them to the models (adapters
-//! on linear layers, replaced weights, trainable embedding rows, ...), lists them by name and
-//! exports the result. The training loop ([`super::trainer`]) is the same for all methods.
+//! DreamBooth with LoRA: low-rank adapters on the attention projections, exported in
+//! diffusers' (peft) layout as `pytorch_lora_weights.safetensors`, optionally kohya's.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng;
 
-use super::host::{Denoiser, PromptEncoder};
-use super::rng::{self, Stream};
-use super::TrainError;
+use super::{
+    export_metadata, ExportContext, ExportInfo, ExportedWeights, ModelsMut, TrainingMethod,
+};
 use crate::lora::{self as lora_names, LoraPart, TEXT_ENCODER_PREFIX, UNET_PREFIX};
+use crate::pipeline::StableDiffusion;
+use crate::train::registry::MethodEntry;
 use crate::nn::{Linear, LoraAdapter};
+use crate::train::rng::{self, Stream};
+use crate::train::TrainError;
 
-/// The models a method attaches its parameters to.
-pub struct ModelsMut<'a> {
-    pub unet: &'a mut dyn Denoiser,
-    pub text_encoder: &'a mut dyn PromptEncoder,
-}
+/// The file diffusers' `load_lora_weights` looks for in a directory.
+pub const LORA_FILE: &str = "pytorch_lora_weights.safetensors";
+/// The same adapters in kohya's key layout (A1111, ComfyUI), written on request.
+pub const KOHYA_FILE: &str = "pytorch_lora_weights_kohya.safetensors";
 
-/// Descriptive metadata written into exported weight files.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
-pub struct ExportInfo {
-    /// Base model name or path, e.g. `stabilityai/stable-diffusion-2-1-base`.
-    pub base_model: String,
-    /// Identifier token, e.g. `sks`.
-    pub token: String,
-    /// Subject class, e.g. `dog`.
-    pub class: String,
-    /// Description case of the training captions (`class_only`, `class_names`, `sid`, `full`).
-    pub description_case: String,
-    /// Number of optimizer steps trained.
-    pub steps: u64,
-}
+pub const ENTRY: MethodEntry = MethodEntry {
+    kind: "lora",
+    marker: LORA_FILE,
+    load: load_output,
+};
 
-/// Weights ready to be written: tensors by key and string metadata.
-#[derive(Debug, Clone, Default)]
-pub struct ExportedWeights {
-    pub tensors: BTreeMap<String, Tensor>,
-    pub metadata: BTreeMap<String, String>,
-}
-
-impl ExportedWeights {
-    pub fn save(&self, path: &std::path::Path) -> Result<(), TrainError> {
-        super::io::save(path, &self.tensors, &self.metadata)
-    }
-}
-
-/// A personalization method.
-pub trait TrainingMethod {
-    /// Short name, e.g. `lora`.
-    fn kind(&self) -> &'static str;
-
-    /// Creates the trainable parameters (random initialisation derived from `seed`) and
-    /// attaches them to the models. Called once, before training.
-    fn attach(&mut self, models: ModelsMut<'_>, seed: u64) -> Result<(), TrainError>;
-
-    /// The trainable parameters by stable name, sorted by name. Every one of them must receive a
-    /// gradient from the loss; everything else in the models is frozen.
-    fn trainable(&self) -> Vec<(String, Var)>;
-
-    /// Whether the text encoder must run with gradients (its output depends on trainable
-    /// parameters). When false, prompt embeddings are computed once and cached.
-    fn trains_text_encoder(&self) -> bool;
-
-    /// Method settings recorded in checkpoints so that a resume with other settings is refused.
-    fn settings_json(&self) -> serde_json::Value;
-
-    /// Called after every optimizer update (e.g. to restore parameters that must not move).
-    fn after_step(&self) -> Result<(), TrainError> {
-        Ok(())
-    }
-
-    /// The weights for inference, in the method's file format.
-    fn export(&self, info: &ExportInfo) -> Result<ExportedWeights, TrainError>;
-
-    /// Overwrites the trainable parameters with `values` (from a checkpoint). Every trainable
-    /// parameter must be present with its shape.
-    fn load_trainable(&self, values: &BTreeMap<String, Tensor>) -> Result<(), TrainError> {
-        for (name, var) in self.trainable() {
-            let v = values.get(&name).ok_or_else(|| {
-                TrainError::Checkpoint(format!("missing trainable tensor {name}"))
-            })?;
-            if v.dims() != var.dims() {
-                return Err(TrainError::Checkpoint(format!(
-                    "{name}: shape {:?}, expected {:?}",
-                    v.dims(),
-                    var.dims()
-                )));
-            }
-            var.set(&v.to_dtype(var.dtype())?.to_device(var.device())?)?;
-        }
-        Ok(())
-    }
+fn load_output(sd: &mut StableDiffusion, dir: &Path, scale: f64) -> crate::Result<()> {
+    sd.load_lora(&dir.join(LORA_FILE), scale).map(|_| ())
 }
 
 /// Initialisation of the LoRA down matrix (the up matrix starts at zero, so training starts
@@ -358,20 +293,18 @@ impl TrainingMethod for LoraMethod {
         }
         Ok(ExportedWeights { tensors, metadata })
     }
-}
 
-/// Metadata common to every exported file.
-pub fn export_metadata(info: &ExportInfo) -> BTreeMap<String, String> {
-    let mut m = BTreeMap::new();
-    m.insert("sidbooth.base_model".into(), info.base_model.clone());
-    m.insert("sidbooth.token".into(), info.token.clone());
-    m.insert("sidbooth.class".into(), info.class.clone());
-    m.insert(
-        "sidbooth.description_case".into(),
-        info.description_case.clone(),
-    );
-    m.insert("sidbooth.steps".into(), info.steps.to_string());
-    m
+    fn write_output(&self, ctx: &ExportContext<'_>, dir: &Path) -> Result<Vec<PathBuf>, TrainError> {
+        std::fs::create_dir_all(dir)?;
+        let weights = self.export(ctx.info)?;
+        weights.save(&dir.join(LORA_FILE))?;
+        let mut files = vec![PathBuf::from(LORA_FILE)];
+        if ctx.options.kohya {
+            to_kohya(&weights)?.save(&dir.join(KOHYA_FILE))?;
+            files.push(PathBuf::from(KOHYA_FILE));
+        }
+        Ok(files)
+    }
 }
 
 /// Converts a peft-layout LoRA export to the kohya / A1111 layout
@@ -417,167 +350,3 @@ pub fn to_kohya(weights: &ExportedWeights) -> Result<ExportedWeights, TrainError
     Ok(ExportedWeights { tensors, metadata })
 }
 
-/// Textual Inversion settings.
-#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct TextualInversionConfig {
-    /// The placeholder word whose token embeddings are learned (e.g. `sks`); it must already be
-    /// in the tokenizer's vocabulary.
-    pub token: String,
-    /// A word whose (mean) token embedding initialises the placeholder, e.g. the class `dog`;
-    /// `None` keeps the placeholder's own embedding.
-    pub initializer: Option<String>,
-}
-
-/// Textual Inversion: only the embedding rows of the placeholder tokens learn.
-///
-/// As diffusers' `textual_inversion.py`, the whole embedding matrix is the optimizer's
-/// parameter and every other row is restored after each update ([`TrainingMethod::after_step`]),
-/// so weight decay and Adam cannot move them.
-pub struct TextualInversionMethod {
-    cfg: TextualInversionConfig,
-    ids: Vec<u32>,
-    embedding: Option<Var>,
-    original: Option<Tensor>,
-    /// `[vocab, 1]`, 1 on placeholder rows.
-    mask: Option<Tensor>,
-}
-
-/// Name of the trainable embedding matrix (transformers' parameter name).
-pub const TOKEN_EMBEDDING: &str = "text_encoder.text_model.embeddings.token_embedding.weight";
-
-impl TextualInversionMethod {
-    pub fn new(cfg: TextualInversionConfig) -> Result<Self, TrainError> {
-        if cfg.token.trim().is_empty() {
-            return Err(TrainError::Config(
-                "textual inversion needs a placeholder token".into(),
-            ));
-        }
-        Ok(Self {
-            cfg,
-            ids: Vec::new(),
-            embedding: None,
-            original: None,
-            mask: None,
-        })
-    }
-
-    /// Token ids of the placeholder.
-    pub fn token_ids(&self) -> &[u32] {
-        &self.ids
-    }
-
-    /// The learned rows `[n, hidden]`.
-    pub fn learned(&self) -> Result<Tensor, TrainError> {
-        let e = self
-            .embedding
-            .as_ref()
-            .ok_or_else(|| TrainError::Config("not attached".into()))?;
-        let ids = Tensor::new(self.ids.as_slice(), e.device())?;
-        Ok(e.as_tensor().index_select(&ids, 0)?)
-    }
-}
-
-impl TrainingMethod for TextualInversionMethod {
-    fn kind(&self) -> &'static str {
-        "textual_inversion"
-    }
-
-    fn attach(&mut self, models: ModelsMut<'_>, _seed: u64) -> Result<(), TrainError> {
-        if self.embedding.is_some() {
-            return Err(TrainError::Config(
-                "textual inversion is already attached".into(),
-            ));
-        }
-        let text = models.text_encoder;
-        let ids = text.token_ids(&self.cfg.token)?;
-        if ids.is_empty() {
-            return Err(TrainError::Config(format!(
-                "placeholder {:?} has no tokens",
-                self.cfg.token
-            )));
-        }
-        let init_ids = match &self.cfg.initializer {
-            Some(w) => {
-                let v = text.token_ids(w)?;
-                if v.is_empty() {
-                    return Err(TrainError::Config(format!(
-                        "initializer {w:?} has no tokens"
-                    )));
-                }
-                Some(v)
-            }
-            None => None,
-        };
-        let emb = text.token_embedding_mut().ok_or_else(|| {
-            TrainError::Config("the text encoder exposes no token embedding".into())
-        })?;
-        let original = emb.detach();
-        if original.dtype() != DType::F32 {
-            // The model reads the variable itself; a cast copy would not follow its updates.
-            return Err(TrainError::Config(
-                "textual inversion needs an f32 text encoder".into(),
-            ));
-        }
-        let (vocab, _hidden) = original.dims2()?;
-        let dev = original.device().clone();
-        let mut m = vec![0f32; vocab];
-        for &i in &ids {
-            m[i as usize] = 1.0;
-        }
-        let mask = Tensor::from_vec(m, (vocab, 1), &dev)?;
-        let start = match init_ids {
-            Some(init) => {
-                let init_row = original
-                    .index_select(&Tensor::new(init.as_slice(), &dev)?, 0)?
-                    .mean_keepdim(0)?;
-                (original.broadcast_mul(&mask.affine(-1.0, 1.0)?)?
-                    + init_row.broadcast_mul(&mask)?)?
-            }
-            None => original.copy()?,
-        };
-        let var = Var::from_tensor(&start)?;
-        *emb = var.as_tensor().clone();
-        self.ids = ids;
-        self.mask = Some(mask);
-        self.original = Some(original);
-        self.embedding = Some(var);
-        Ok(())
-    }
-
-    fn trainable(&self) -> Vec<(String, Var)> {
-        self.embedding
-            .iter()
-            .map(|v| (TOKEN_EMBEDDING.to_string(), v.clone()))
-            .collect()
-    }
-
-    fn trains_text_encoder(&self) -> bool {
-        true
-    }
-
-    fn settings_json(&self) -> serde_json::Value {
-        serde_json::json!({ "method": "textual_inversion", "textual_inversion": self.cfg })
-    }
-
-    fn after_step(&self) -> Result<(), TrainError> {
-        let (Some(var), Some(orig), Some(mask)) = (&self.embedding, &self.original, &self.mask)
-        else {
-            return Ok(());
-        };
-        let keep = mask.affine(-1.0, 1.0)?;
-        let restored = (var.as_tensor().broadcast_mul(mask)? + orig.broadcast_mul(&keep)?)?;
-        var.set(&restored)?;
-        Ok(())
-    }
-
-    /// diffusers' `learned_embeds.safetensors` layout: one tensor `[n, hidden]` named by the
-    /// placeholder, read by `load_textual_inversion`.
-    fn export(&self, info: &ExportInfo) -> Result<ExportedWeights, TrainError> {
-        let mut tensors = BTreeMap::new();
-        tensors.insert(self.cfg.token.clone(), self.learned()?);
-        let mut metadata = export_metadata(info);
-        metadata.insert("format".into(), "pt".into());
-        metadata.insert("sidbooth.method".into(), "textual_inversion".into());
-        Ok(ExportedWeights { tensors, metadata })
-    }
-}
