@@ -225,7 +225,10 @@ async fn trains_and_samples(train: serde_json::Value, files: &[&str], method: &s
         .collect();
     for file in files {
         let name = format!("weights/{file}");
-        assert!(names.contains(&name.as_str()), "{name} missing from {names:?}");
+        assert!(
+            names.contains(&name.as_str()),
+            "{name} missing from {names:?}"
+        );
     }
     let url = |name: &str| {
         artifacts
@@ -240,7 +243,13 @@ async fn trains_and_samples(train: serde_json::Value, files: &[&str], method: &s
     let get = |u: String| {
         let http = http.clone();
         async move {
-            let response = http.get(u).send().await.unwrap().error_for_status().unwrap();
+            let response = http
+                .get(u)
+                .send()
+                .await
+                .unwrap()
+                .error_for_status()
+                .unwrap();
             response.bytes().await.unwrap()
         }
     };
@@ -289,7 +298,10 @@ async fn textual_inversion_through_the_service() {
 async fn custom_diffusion_through_the_service() {
     trains_and_samples(
         serde_json::json!({"method": "custom_diffusion", "steps": 3, "num_class_images": 1}),
-        &["pytorch_custom_diffusion_weights.safetensors", "<sks>.safetensors"],
+        &[
+            "pytorch_custom_diffusion_weights.safetensors",
+            "<sks>.safetensors",
+        ],
         "custom_diffusion",
         "a <sks> dog on the beach",
     )

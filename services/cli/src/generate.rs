@@ -44,7 +44,12 @@ pub struct GenerateArgs {
     #[arg(long, alias = "lora", value_name = "PATH")]
     pub weights: Option<PathBuf>,
     /// Multiplier of the weights' strength (LoRA's scale).
-    #[arg(long, alias = "lora-scale", default_value_t = 1.0, requires = "weights")]
+    #[arg(
+        long,
+        alias = "lora-scale",
+        default_value_t = 1.0,
+        requires = "weights"
+    )]
     pub weight_scale: f64,
     /// Initial latents [num_images, C, h, w] (.npy or safetensors, e.g. from --save-latents)
     /// instead of seeded noise.

@@ -200,10 +200,7 @@ fn train_writes_a_lora_that_generate_loads() {
         ok(sidbooth(&a, dir))
     };
     gen("base", &[]);
-    let o = gen(
-        "tuned",
-        &["--weights", "lora", "--attention-token", "sks"],
-    );
+    let o = gen("tuned", &["--weights", "lora", "--attention-token", "sks"]);
     assert!(
         String::from_utf8_lossy(&o.stderr).contains("lora weights lora"),
         "{}",
@@ -439,15 +436,7 @@ fn bad_arguments_fail_clearly() {
     .unwrap();
     let train = |extra: &[&str]| {
         let mut a = vec![
-            "train",
-            "--tiny",
-            "1",
-            "--class",
-            "dog",
-            "--steps",
-            "1",
-            "--output",
-            "x",
+            "train", "--tiny", "1", "--class", "dog", "--steps", "1", "--output", "x",
         ];
         a.extend_from_slice(extra);
         sidbooth(&a, dir)
@@ -488,7 +477,14 @@ fn bad_arguments_fail_clearly() {
         "unknown method",
     );
     fails_with(
-        train(&["--images", "photos", "--method", "textual_inversion", "--rank", "4"]),
+        train(&[
+            "--images",
+            "photos",
+            "--method",
+            "textual_inversion",
+            "--rank",
+            "4",
+        ]),
         "rank",
     );
     fails_with(
@@ -497,7 +493,13 @@ fn bad_arguments_fail_clearly() {
     );
     std::fs::write(dir.join("a-file"), "x").unwrap();
     fails_with(
-        sidbooth(&["train", "--tiny", "1", "--images", "photos", "--class", "dog", "--output", "a-file"], dir),
+        sidbooth(
+            &[
+                "train", "--tiny", "1", "--images", "photos", "--class", "dog", "--output",
+                "a-file",
+            ],
+            dir,
+        ),
         "--output is the directory",
     );
     fails_with(

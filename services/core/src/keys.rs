@@ -43,7 +43,11 @@ pub fn work(tenant: Uuid, job: Uuid, name: &str) -> String {
 pub fn blob(tenant: Uuid, job: Uuid, area: &str, name: &str) -> String {
     use sha2::{Digest, Sha256};
     let digest = Sha256::digest(name.as_bytes());
-    format!("{}{area}/b-{}", job_prefix(tenant, job), hex::encode(&digest[..8]))
+    format!(
+        "{}{area}/b-{}",
+        job_prefix(tenant, job),
+        hex::encode(&digest[..8])
+    )
 }
 
 /// Objects that hold nothing of a tenant's (they are computed from a base model alone).
@@ -65,7 +69,11 @@ mod tests {
         let long = "e12/weights/merged_pipeline/unet/diffusion_pytorch_model.safetensors";
         let b = blob(t, j, "artifacts", long);
         assert!(b.starts_with(&format!("{prefix}artifacts/b-")), "{b}");
-        assert_eq!(b, blob(t, j, "artifacts", long), "the same name, the same key");
+        assert_eq!(
+            b,
+            blob(t, j, "artifacts", long),
+            "the same name, the same key"
+        );
         assert_ne!(b, blob(t, j, "artifacts", "e13/weights/x"));
         // The longest name s3s-fs keeps for a multipart upload (see `blob`).
         assert!(b.len() <= 122, "{} bytes", b.len());

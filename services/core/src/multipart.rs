@@ -240,7 +240,10 @@ impl ArtifactStore {
     }
 
     /// Part numbers the server holds for the upload; an error when the upload is gone.
-    async fn uploaded_parts(&self, record: &UploadRecord) -> Result<std::collections::HashSet<i32>> {
+    async fn uploaded_parts(
+        &self,
+        record: &UploadRecord,
+    ) -> Result<std::collections::HashSet<i32>> {
         let mut parts = std::collections::HashSet::new();
         let mut marker: Option<String> = None;
         loop {

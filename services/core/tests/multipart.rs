@@ -24,21 +24,47 @@ async fn an_interrupted_upload_resumes_with_the_missing_parts_only() {
     let record = "work/uploads/weights.json";
 
     let stopped = store
-        .put_file("artifacts/e1/weights.bin", &path, "application/octet-stream", PART, record, Some(2))
+        .put_file(
+            "artifacts/e1/weights.bin",
+            &path,
+            "application/octet-stream",
+            PART,
+            record,
+            Some(2),
+        )
         .await;
     assert!(matches!(stopped, Err(CoreError::Storage(_))), "{stopped:?}");
-    assert!(matches!(store.get("artifacts/e1/weights.bin").await, Err(CoreError::NotFound)));
+    assert!(matches!(
+        store.get("artifacts/e1/weights.bin").await,
+        Err(CoreError::NotFound)
+    ));
     assert!(store.get(record).await.is_ok(), "the upload is recorded");
 
     // Another worker (a later epoch) uploads the same file: it continues the recorded upload.
     let report = store
-        .put_file("artifacts/e2/weights.bin", &path, "application/octet-stream", PART, record, None)
+        .put_file(
+            "artifacts/e2/weights.bin",
+            &path,
+            "application/octet-stream",
+            PART,
+            record,
+            None,
+        )
         .await
         .unwrap();
-    assert_eq!(report.key, "artifacts/e1/weights.bin", "the recorded upload's key");
+    assert_eq!(
+        report.key, "artifacts/e1/weights.bin",
+        "the recorded upload's key"
+    );
     assert_eq!((report.parts_reused, report.parts_sent), (2, 4));
-    assert_eq!(store.get(&report.key).await.unwrap().as_ref(), bytes.as_slice());
-    assert!(matches!(store.get(record).await, Err(CoreError::NotFound)), "record removed");
+    assert_eq!(
+        store.get(&report.key).await.unwrap().as_ref(),
+        bytes.as_slice()
+    );
+    assert!(
+        matches!(store.get(record).await, Err(CoreError::NotFound)),
+        "record removed"
+    );
 
     // And it streams back into a file.
     let back = dir.path().join("back.bin");
@@ -46,7 +72,9 @@ async fn an_interrupted_upload_resumes_with_the_missing_parts_only() {
     assert_eq!(size, bytes.len() as u64);
     assert_eq!(std::fs::read(&back).unwrap(), bytes);
     assert!(matches!(
-        store.get_to_file("no/such/key", &dir.path().join("none.bin")).await,
+        store
+            .get_to_file("no/such/key", &dir.path().join("none.bin"))
+            .await,
         Err(CoreError::NotFound)
     ));
     assert!(!dir.path().join("none.bin").exists());
@@ -60,22 +88,49 @@ async fn a_different_file_starts_over_and_small_files_go_in_one_put() {
     let record = "work/uploads/w.json";
     let (first, _) = file_of(dir.path(), 3 * PART as usize, 2);
     let _ = store
-        .put_file("a/w.bin", &first, "application/octet-stream", PART, record, Some(1))
+        .put_file(
+            "a/w.bin",
+            &first,
+            "application/octet-stream",
+            PART,
+            record,
+            Some(1),
+        )
         .await;
     // Same size, other content: the parts on the server are not this file's.
     let (second, bytes) = file_of(dir.path(), 3 * PART as usize, 3);
     let report = store
-        .put_file("a/w.bin", &second, "application/octet-stream", PART, record, None)
+        .put_file(
+            "a/w.bin",
+            &second,
+            "application/octet-stream",
+            PART,
+            record,
+            None,
+        )
         .await
         .unwrap();
     assert_eq!((report.parts_reused, report.parts_sent), (0, 3));
-    assert_eq!(store.get("a/w.bin").await.unwrap().as_ref(), bytes.as_slice());
+    assert_eq!(
+        store.get("a/w.bin").await.unwrap().as_ref(),
+        bytes.as_slice()
+    );
 
     let (small, bytes) = file_of(dir.path(), 100, 4);
     let report = store
-        .put_file("a/small.bin", &small, "application/octet-stream", PART, record, None)
+        .put_file(
+            "a/small.bin",
+            &small,
+            "application/octet-stream",
+            PART,
+            record,
+            None,
+        )
         .await
         .unwrap();
     assert_eq!(report.parts_sent, 1);
-    assert_eq!(store.get("a/small.bin").await.unwrap().as_ref(), bytes.as_slice());
+    assert_eq!(
+        store.get("a/small.bin").await.unwrap().as_ref(),
+        bytes.as_slice()
+    );
 }

@@ -3,7 +3,7 @@
 //! whole run (`train::run`: the method's parameterization, augmentation, loss, optimizer).
 //!
 //! cargo run --release -p sidbooth-engine --example bench_methods -- [--method NAME|all]
-//!     [--steps 20] [--threads N]
+//!     [--steps 20] [--threads N] [--resolution 32] [--gradient-checkpointing]
 //!
 //! Prints `method <name> ours_ms_per_step <x>`. `scripts/bench/train_methods.sh` runs it beside
 //! `scripts/bench/train_methods_torch.py` (the same steps in diffusers / transformers / peft /
@@ -43,6 +43,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     if let Some(t) = get("--threads") {
         std::env::set_var("RAYON_NUM_THREADS", &t);
     }
+    let resolution: u32 = get("--resolution")
+        .map(|s| s.parse())
+        .transpose()?
+        .unwrap_or(32);
+    let checkpointing = args.iter().any(|a| a == "--gradient-checkpointing");
     let which = get("--method").unwrap_or_else(|| "all".into());
     let methods: Vec<&str> = if which == "all" {
         METHODS.to_vec()
@@ -56,7 +61,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/tiny-sd");
     let sd = StableDiffusion::load(&dir, &LoadOptions::default())?;
     let base = TrainModels::from_pipeline(&sd)?.with_source(BaseSource::Dir(dir.clone()));
-    let photo = RgbImage::from_fn(32, 32, |x, y| {
+    let photo = RgbImage::from_fn(resolution, resolution, |x, y| {
         Rgb([(x * 8 % 256) as u8, (y * 8 % 256) as u8, 128])
     });
     let cx = SettingsContext {
@@ -78,12 +83,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             ExportInfo::default(),
             out.join(name),
         );
-        cfg.resolution = 32;
+        cfg.resolution = resolution;
         // Two warm-up steps, then the timed ones.
         cfg.loop_cfg = LoopConfig {
             seed: 0,
             max_steps: steps + 2,
             lr: LrSchedule::constant(1e-4),
+            gradient_checkpointing: checkpointing,
             ..LoopConfig::default()
         };
         let (mut started, mut last) = (None, None);

@@ -13,9 +13,7 @@ use sidbooth_engine::pipeline::{initial_latents, StableDiffusion};
 use sidbooth_engine::train::method::{ExportInfo, LoraConfig};
 use sidbooth_engine::train::run::photos_from_dir;
 use sidbooth_engine::train::schedule::LrSchedule;
-use sidbooth_engine::train::{
-    self, Callbacks, LoopConfig, MethodConfig, TrainConfig, TrainModels,
-};
+use sidbooth_engine::train::{self, Callbacks, LoopConfig, MethodConfig, TrainConfig, TrainModels};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().collect();

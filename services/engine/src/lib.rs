@@ -61,6 +61,7 @@ pub mod lora;
 pub mod nn;
 pub mod pipeline;
 pub mod png_text;
+pub mod recompute;
 pub mod scheduler;
 pub mod tiny;
 pub mod tokenizer;

@@ -1,11 +1,14 @@
 //! diffusers' `UNet2DConditionModel` for SD 1.x / 2.x, differentiable, with diffusers' weight names.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::attention::AttentionRecorder;
 use crate::config::UNetConfig;
 use crate::nn::{silu, softmax_last, Conv2d, GroupNorm, LayerNorm, Linear, VisitLinears};
+use crate::recompute::{checkpoint, GradSink, Segment};
 use crate::weights::NamedWeights;
 
 /// Sinusoidal timestep embedding as diffusers' `get_timestep_embedding` (computed in f32).
@@ -416,6 +419,33 @@ pub struct UNet2DConditionModel {
     norm_out: GroupNorm,
     conv_out: Conv2d,
     weights: NamedWeights,
+    /// Gradient checkpointing: resnets and transformers are recomputed in the backward pass
+    /// and the gradients of their weights go here (see [`crate::recompute`]).
+    recompute: Option<Arc<GradSink>>,
+}
+
+/// A resnet as a recomputed segment: `(x, time embedding)`.
+struct ResnetSegment(ResnetBlock2D);
+
+impl Segment for ResnetSegment {
+    fn name(&self) -> &'static str {
+        "recompute-resnet"
+    }
+    fn forward(&self, x: &Tensor, emb: &Tensor) -> Result<Tensor> {
+        self.0.forward(x, Some(emb))
+    }
+}
+
+/// A transformer as a recomputed segment: `(x, text states)`.
+struct TransformerSegment(Transformer2D);
+
+impl Segment for TransformerSegment {
+    fn name(&self) -> &'static str {
+        "recompute-transformer"
+    }
+    fn forward(&self, x: &Tensor, context: &Tensor) -> Result<Tensor> {
+        self.0.forward(x, context, None)
+    }
 }
 
 impl UNet2DConditionModel {
@@ -579,7 +609,34 @@ impl UNet2DConditionModel {
             norm_out,
             conv_out,
             weights: Vec::new(),
+            recompute: None,
         })
+    }
+
+    /// Turns gradient checkpointing on (with the sink that collects the recomputed weights'
+    /// gradients) or off. Sampling with an attention recorder never recomputes.
+    pub fn set_gradient_checkpointing(&mut self, sink: Option<Arc<GradSink>>) {
+        self.recompute = sink;
+    }
+
+    fn resnet(&self, r: &ResnetBlock2D, x: &Tensor, emb: &Tensor) -> Result<Tensor> {
+        match &self.recompute {
+            Some(sink) => checkpoint(ResnetSegment(r.clone()), sink, x, emb),
+            None => r.forward(x, Some(emb)),
+        }
+    }
+
+    fn transformer(
+        &self,
+        a: &Transformer2D,
+        x: &Tensor,
+        context: &Tensor,
+        rec: Option<&mut AttentionRecorder>,
+    ) -> Result<Tensor> {
+        match (&self.recompute, rec) {
+            (Some(sink), None) => checkpoint(TransformerSegment(a.clone()), sink, x, context),
+            (_, rec) => a.forward(x, context, rec),
+        }
     }
 
     pub(crate) fn set_named_weights(&mut self, w: NamedWeights) {
@@ -661,9 +718,9 @@ impl UNet2DConditionModel {
         let mut res: Vec<Tensor> = vec![x.clone()];
         for blk in &self.down {
             for (j, r) in blk.resnets.iter().enumerate() {
-                x = r.forward(&x, Some(&emb))?;
+                x = self.resnet(r, &x, &emb)?;
                 if let Some(a) = blk.attentions.get(j) {
-                    x = a.forward(&x, context, rec.as_deref_mut())?;
+                    x = self.transformer(a, &x, context, rec.as_deref_mut())?;
                 }
                 res.push(x.clone());
             }
@@ -672,18 +729,18 @@ impl UNet2DConditionModel {
                 res.push(x.clone());
             }
         }
-        x = self.mid.resnets[0].forward(&x, Some(&emb))?;
-        x = self.mid.attentions[0].forward(&x, context, rec.as_deref_mut())?;
-        x = self.mid.resnets[1].forward(&x, Some(&emb))?;
+        x = self.resnet(&self.mid.resnets[0], &x, &emb)?;
+        x = self.transformer(&self.mid.attentions[0], &x, context, rec.as_deref_mut())?;
+        x = self.resnet(&self.mid.resnets[1], &x, &emb)?;
         for blk in &self.up {
             for (j, r) in blk.resnets.iter().enumerate() {
                 let skip = res
                     .pop()
                     .ok_or_else(|| candle_core::Error::msg("unet: skip stack empty"))?;
                 x = Tensor::cat(&[&x, &skip], 1)?;
-                x = r.forward(&x, Some(&emb))?;
+                x = self.resnet(r, &x, &emb)?;
                 if let Some(a) = blk.attentions.get(j) {
-                    x = a.forward(&x, context, rec.as_deref_mut())?;
+                    x = self.transformer(a, &x, context, rec.as_deref_mut())?;
                 }
             }
             if let Some(u) = &blk.upsample {

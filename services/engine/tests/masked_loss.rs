@@ -87,11 +87,19 @@ fn sum(t: &Tensor) -> f64 {
 }
 
 /// The loss of `batch` with the prediction offset by `shift`, and its gradient there.
-fn loss_at(trainer: &mut Trainer<'_>, batch: &Batch, offset: &Var, shift: &Tensor) -> (f64, Tensor) {
+fn loss_at(
+    trainer: &mut Trainer<'_>,
+    batch: &Batch,
+    offset: &Var,
+    shift: &Tensor,
+) -> (f64, Tensor) {
     offset.set(shift).unwrap();
     let loss = trainer.loss_on(batch).unwrap();
     let grads = loss.loss.backward().unwrap();
-    let g = grads.get(offset.as_tensor()).expect("the offset gets a gradient").clone();
+    let g = grads
+        .get(offset.as_tensor())
+        .expect("the offset gets a gradient")
+        .clone();
     (loss.loss.to_scalar::<f32>().unwrap() as f64, g)
 }
 
@@ -116,8 +124,7 @@ fn the_loss_ignores_everything_outside_the_mask() {
                 5,
             )
             .unwrap();
-        let instance =
-            LatentSet::encode(&[masked_photo()], &m.vae, RES, false, &m.device).unwrap();
+        let instance = LatentSet::encode(&[masked_photo()], &m.vae, RES, false, &m.device).unwrap();
         let latent_shape = instance.examples[0].latents.mean.dims().to_vec();
         let offset = Var::zeros(latent_shape.as_slice(), DType::F32, &Device::Cpu).unwrap();
         let mut unet = Offset {
@@ -144,7 +151,9 @@ fn the_loss_ignores_everything_outside_the_mask() {
         };
         let mut trainer = Trainer::new(inputs, cfg).unwrap();
         let batch = trainer.batch(0).unwrap();
-        let mask = batch.masks[0].clone().expect("the photo's mask reaches the batch");
+        let mask = batch.masks[0]
+            .clone()
+            .expect("the photo's mask reaches the batch");
         let out = outside(&mask, latent_shape[1]);
         let cells_out = sum(&out);
         let cells_all = out.elem_count() as f64;
@@ -158,12 +167,14 @@ fn the_loss_ignores_everything_outside_the_mask() {
         let zero = noise.zeros_like().unwrap();
         let (base_loss, grad) = loss_at(&mut trainer, &batch, &offset, &zero);
         let (shifted_out, _) = loss_at(&mut trainer, &batch, &offset, &(&noise * &out).unwrap());
-        let (shifted_in, _) =
-            loss_at(&mut trainer, &batch, &offset, &(&noise * &inside).unwrap());
+        let (shifted_in, _) = loss_at(&mut trainer, &batch, &offset, &(&noise * &inside).unwrap());
         let grad_out = sum(&(grad.abs().unwrap() * &out).unwrap());
         let grad_in = sum(&(grad.abs().unwrap() * &inside).unwrap());
         let label = format!("{normalization:?}, unmasked_weight {unmasked_weight}");
-        assert!(base_loss.is_finite() && base_loss > 0.0, "{label}: {base_loss}");
+        assert!(
+            base_loss.is_finite() && base_loss > 0.0,
+            "{label}: {base_loss}"
+        );
         assert!(grad_in > 0.0, "{label}: no gradient inside the mask");
         assert!(
             (shifted_in - base_loss).abs() > 1e-3 * base_loss,
@@ -177,7 +188,10 @@ fn the_loss_ignores_everything_outside_the_mask() {
             );
         } else {
             assert!(grad_out > 0.0, "{label}: the outside weight is ignored");
-            assert!((shifted_out - base_loss).abs() > 1e-4 * base_loss, "{label}");
+            assert!(
+                (shifted_out - base_loss).abs() > 1e-4 * base_loss,
+                "{label}"
+            );
         }
     }
 }

@@ -624,7 +624,10 @@ fn prior_preservation_with_class_images_from_the_base_model() {
     };
     assert_eq!(files.len(), 2, "{files:?}");
     let weights = ExportedWeights::load(&tmp.join("out").join(KOHYA_FILE)).unwrap();
-    assert!(weights.tensors.keys().all(|k| k.starts_with("lora_unet_") || k.starts_with("lora_te_")));
+    assert!(weights
+        .tensors
+        .keys()
+        .all(|k| k.starts_with("lora_unet_") || k.starts_with("lora_te_")));
     let _ = std::fs::remove_dir_all(&tmp);
 }
 

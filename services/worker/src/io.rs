@@ -267,7 +267,10 @@ impl<'a> JobIo<'a> {
         let mut n = 0;
         for row in rows.iter().filter(|a| a.name.starts_with(prefix)) {
             let relative = &row.name[prefix.len()..];
-            if relative.split('/').any(|c| c.is_empty() || c == "." || c == "..") {
+            if relative
+                .split('/')
+                .any(|c| c.is_empty() || c == "." || c == "..")
+            {
                 return Err(StageError::permanent(
                     "artifact_name",
                     format!("artifact {} has an unusable name", row.name),
@@ -284,7 +287,10 @@ impl<'a> JobIo<'a> {
                 Err(CoreError::NotFound) => {
                     return Err(StageError::permanent(
                         "artifact_missing",
-                        format!("the artifact {} is recorded but missing from storage", row.name),
+                        format!(
+                            "the artifact {} is recorded but missing from storage",
+                            row.name
+                        ),
                     ))
                 }
                 Err(e) => return Err(e.into()),

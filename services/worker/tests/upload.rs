@@ -35,7 +35,10 @@ async fn an_interrupted_weights_upload_is_finished_by_the_next_owner() {
         .with_upload_limit(2);
     let broken = io.store_file(name, "application/octet-stream", &path).await;
     assert!(broken.is_err(), "{broken:?}");
-    assert!(env.jobs.artifacts(id).await.unwrap().is_empty(), "nothing recorded");
+    assert!(
+        env.jobs.artifacts(id).await.unwrap().is_empty(),
+        "nothing recorded"
+    );
     let work_files = || async {
         env.storage
             .store
@@ -50,12 +53,22 @@ async fn an_interrupted_weights_upload_is_finished_by_the_next_owner() {
     let second = Queue::new(env.db.pool.clone(), queue_settings());
     let claimed_again = second.claim().await.unwrap().expect("the lease lapsed");
     assert!(claimed_again.lease.epoch > claimed.lease.epoch);
-    let io = JobIo::new(&second, &env.jobs, &env.storage.store, &claimed_again.lease, PART);
+    let io = JobIo::new(
+        &second,
+        &env.jobs,
+        &env.storage.store,
+        &claimed_again.lease,
+        PART,
+    );
     let report = io
         .store_file(name, "application/octet-stream", &path)
         .await
         .unwrap();
-    assert_eq!((report.parts_reused, report.parts_sent), (2, 2), "{report:?}");
+    assert_eq!(
+        (report.parts_reused, report.parts_sent),
+        (2, 2),
+        "{report:?}"
+    );
     // The key is derived from the epoch the upload started under, so the second owner
     // finished the first owner's upload rather than starting its own.
     let started_under = keys::blob(
@@ -64,7 +77,10 @@ async fn an_interrupted_weights_upload_is_finished_by_the_next_owner() {
         "artifacts",
         &format!("e{}/{name}", claimed.lease.epoch),
     );
-    assert_eq!(report.key, started_under, "the upload keeps the key it started under");
+    assert_eq!(
+        report.key, started_under,
+        "the upload keeps the key it started under"
+    );
 
     let artifacts = env.jobs.artifacts(id).await.unwrap();
     assert_eq!(artifacts.len(), 1, "{artifacts:?}");
@@ -74,7 +90,10 @@ async fn an_interrupted_weights_upload_is_finished_by_the_next_owner() {
     assert_eq!(artifact.size, bytes.len() as i64);
     assert_eq!(artifact.sha256, hex::encode(Sha256::digest(&bytes)));
     let stored = env.storage.store.get(&artifact.object_key).await.unwrap();
-    assert!(stored.as_ref() == bytes.as_slice(), "the object is the file");
+    assert!(
+        stored.as_ref() == bytes.as_slice(),
+        "the object is the file"
+    );
     // The record of the finished upload is gone.
     let left = work_files().await;
     assert!(left.is_empty(), "{left:?}");

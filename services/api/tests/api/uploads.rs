@@ -517,3 +517,50 @@ async fn concurrent_requests_with_one_key_make_one_job_and_leave_no_orphans() {
     assert_eq!(app.job_rows().await, 1);
     assert_eq!(app.storage.all_keys().await.len(), 1);
 }
+
+/// `train` is one method's settings: another method's field or an unknown method is refused
+/// by name, and an accepted job shows the method with its fields as the spec gave them.
+#[tokio::test]
+async fn train_settings_belong_to_their_method() {
+    let app = TestApp::start().await;
+    let unprocessable = StatusCode::UNPROCESSABLE_ENTITY;
+    let with_train = |train: Value| json!({"subject_class": "dog", "stages": ["describe", "train"], "train": train});
+    let problem = refused(
+        &app,
+        &with_train(json!({"method": "dreambooth", "rank": 8})),
+        dog_photos(1),
+        unprocessable,
+        "invalid-spec",
+    )
+    .await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("rank"),
+        "{problem}"
+    );
+    let problem = refused(
+        &app,
+        &with_train(json!({"method": "hypernetwork"})),
+        dog_photos(1),
+        unprocessable,
+        "invalid-spec",
+    )
+    .await;
+    assert!(
+        problem["detail"].as_str().unwrap().contains("hypernetwork"),
+        "{problem}"
+    );
+
+    let response = app
+        .post_job(
+            &with_train(json!({"method": "textual_inversion", "num_vectors": 2})),
+            dog_photos(1),
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let job: Value = response.json().await.unwrap();
+    let train = &job["spec"]["train"];
+    assert_eq!(train["method"], "textual_inversion", "{job}");
+    assert_eq!(train["num_vectors"], 2, "{job}");
+    assert_eq!(train["steps"], 3000, "the method's own default: {job}");
+    assert!(train.get("rank").is_none(), "{job}");
+}

@@ -1,6 +1,7 @@
 //! The engine's models seen through the training traits of [`super::host`].
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor};
 
@@ -8,6 +9,7 @@ use super::host::{Denoiser, LatentEncoder, NoiseSchedule, Prediction, PromptEnco
 use super::TrainError;
 use crate::clip::ClipTextModel;
 use crate::nn::{Linear, VisitLinears};
+use crate::recompute::GradSink;
 use crate::scheduler::{DdimScheduler, Prediction as SchedPrediction};
 use crate::tokenizer::ClipTokenizer;
 use crate::unet::UNet2DConditionModel;
@@ -43,6 +45,8 @@ fn linears_of<T: VisitLinears>(m: &mut T) -> Vec<&mut Linear> {
 pub struct UNetDenoiser {
     pub model: UNet2DConditionModel,
     pub dtype: DType,
+    /// Gradient checkpointing, kept across rebuilds of the model.
+    pub recompute: Option<Arc<GradSink>>,
 }
 
 impl Denoiser for UNetDenoiser {
@@ -71,11 +75,17 @@ impl Denoiser for UNetDenoiser {
         // The rebuilt model names its weights too, so that it can be rebuilt again (a method
         // that replaces weights before every step).
         model.set_named_weights(record.take());
+        model.set_gradient_checkpointing(self.recompute.clone());
         self.model = model;
         Ok(())
     }
     fn detach_cross_attention_bos(&mut self, on: bool) -> Result<()> {
         self.model.set_cross_attention_detach_bos(on);
+        Ok(())
+    }
+    fn set_gradient_checkpointing(&mut self, sink: Option<Arc<GradSink>>) -> Result<()> {
+        self.model.set_gradient_checkpointing(sink.clone());
+        self.recompute = sink;
         Ok(())
     }
 }
@@ -223,6 +233,7 @@ impl TrainModels {
             unet: UNetDenoiser {
                 model: sd.unet.clone(),
                 dtype: sd.dtype,
+                recompute: None,
             },
             text_encoder: ClipPromptEncoder {
                 model: sd.text_encoder.clone(),
@@ -238,4 +249,3 @@ impl TrainModels {
         })
     }
 }
-

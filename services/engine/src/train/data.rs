@@ -204,7 +204,9 @@ impl LatentSet {
                 match &p.mask {
                     Some(m) => {
                         let factor = vae.downsampling_factor().unwrap_or(8);
-                        Ok(Some(mask_to_latent(m, size, resolution, factor, flip, device)?))
+                        Ok(Some(mask_to_latent(
+                            m, size, resolution, factor, flip, device,
+                        )?))
                     }
                     None => Ok(None),
                 }

@@ -5,10 +5,12 @@
 //! parameterization of the models and not a new training loop.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use candle_core::{Result, Tensor};
 
 use crate::nn::Linear;
+use crate::recompute::GradSink;
 
 /// The noise-prediction network (the UNet).
 pub trait Denoiser {
@@ -30,6 +32,11 @@ pub trait Denoiser {
     /// the key and value weights through the start token, which every prompt shares.
     fn detach_cross_attention_bos(&mut self, _on: bool) -> Result<()> {
         candle_core::bail!("this denoiser cannot detach the cross-attention start token")
+    }
+    /// Gradient checkpointing ([`crate::recompute`]): blocks are recomputed in the backward
+    /// pass, and the gradients of the variables they use are added to `sink` (None: off).
+    fn set_gradient_checkpointing(&mut self, _sink: Option<Arc<GradSink>>) -> Result<()> {
+        candle_core::bail!("this denoiser cannot recompute its blocks")
     }
 }
 

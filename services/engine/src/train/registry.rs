@@ -9,13 +9,13 @@ use std::path::{Path, PathBuf};
 
 use sidbooth_domain::train::TrainSettings;
 
+use super::method::custom_diffusion::{self, CustomDiffusionConfig, CustomDiffusionMethod};
+use super::method::dreambooth::{self, DreamboothConfig, DreamboothMethod};
+use super::method::svdiff::{self, SvdiffConfig, SvdiffMethod};
 use super::method::{
     lora, textual_inversion, ExportOptions, LoraConfig, LoraMethod, TextualInversionConfig,
     TextualInversionMethod, TrainingMethod,
 };
-use super::method::svdiff::{self, SvdiffConfig, SvdiffMethod};
-use super::method::custom_diffusion::{self, CustomDiffusionConfig, CustomDiffusionMethod};
-use super::method::dreambooth::{self, DreamboothConfig, DreamboothMethod};
 use super::TrainError;
 use crate::pipeline::StableDiffusion;
 
@@ -154,7 +154,11 @@ fn output_dir(path: &Path) -> PathBuf {
 
 /// Loads any method's output into `sd` and returns the method's name. A single safetensors file
 /// that is not named like an output is read as a LoRA (what `--lora FILE` always accepted).
-pub fn load_weights(sd: &mut StableDiffusion, path: &Path, scale: f64) -> crate::Result<&'static str> {
+pub fn load_weights(
+    sd: &mut StableDiffusion,
+    path: &Path,
+    scale: f64,
+) -> crate::Result<&'static str> {
     match detect(path) {
         Some(entry) => {
             (entry.load)(sd, &output_dir(path), scale)?;
@@ -167,7 +171,11 @@ pub fn load_weights(sd: &mut StableDiffusion, path: &Path, scale: f64) -> crate:
         None => Err(crate::Error::Invalid(format!(
             "{} holds no trained weights sidbooth knows ({})",
             path.display(),
-            METHODS.iter().map(|m| m.marker).collect::<Vec<_>>().join(", ")
+            METHODS
+                .iter()
+                .map(|m| m.marker)
+                .collect::<Vec<_>>()
+                .join(", ")
         ))),
     }
 }

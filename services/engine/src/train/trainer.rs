@@ -26,6 +26,7 @@ use super::optim::{self, AdamW, AdamWConfig};
 use super::rng::{self, Stream};
 use super::schedule::LrSchedule;
 use super::TrainError;
+use crate::recompute::GradSink;
 
 /// Where a run starts.
 #[derive(Debug, Clone, Default, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -57,6 +58,10 @@ pub struct LoopConfig {
     pub prior_loss_weight: f64,
     /// Restrict the instance loss to the examples' masks.
     pub masked_loss: Option<MaskedLossConfig>,
+    /// Recompute the UNet's resnets and transformers in the backward pass instead of keeping
+    /// their activations ([`crate::recompute`]): less memory for about one more forward pass.
+    #[serde(default)]
+    pub gradient_checkpointing: bool,
     /// Write a checkpoint every this many optimizer steps (0: never).
     pub checkpoint_every: u64,
     pub checkpoint_dir: Option<PathBuf>,
@@ -77,6 +82,7 @@ impl Default for LoopConfig {
             max_grad_norm: Some(1.0),
             prior_loss_weight: 1.0,
             masked_loss: None,
+            gradient_checkpointing: false,
             checkpoint_every: 0,
             checkpoint_dir: None,
             keep_checkpoints: 0,
@@ -227,6 +233,8 @@ pub struct Trainer<'a> {
     last_checkpoint: Option<PathBuf>,
     /// Per-step views of the instance photos (see [`Trainer::with_augmentation`]).
     augment: Option<Augmenter<'a>>,
+    /// With gradient checkpointing, where the recomputed blocks' weight gradients arrive.
+    recompute: Option<Arc<GradSink>>,
 }
 
 fn mse(a: &Tensor, b: &Tensor) -> candle_core::Result<Tensor> {
@@ -275,6 +283,12 @@ impl<'a> Trainer<'a> {
             ));
         }
         let opt = AdamW::new(params.iter().cloned(), cfg.adamw.clone())?;
+        let recompute = cfg
+            .gradient_checkpointing
+            .then(|| Arc::new(GradSink::default()));
+        if let Some(sink) = &recompute {
+            inputs.unet.set_gradient_checkpointing(Some(sink.clone()))?;
+        }
         let mut prompt_cache = HashMap::new();
         if !inputs.method.trains_text_encoder() {
             inputs.method.prepare(ModelsMut {
@@ -311,6 +325,7 @@ impl<'a> Trainer<'a> {
             last_loss: None,
             last_checkpoint: None,
             augment: None,
+            recompute,
         };
         t.maybe_resume()?;
         Ok(t)
@@ -581,9 +596,20 @@ impl<'a> Trainer<'a> {
     /// graph is an error.
     pub fn gradients(&self, loss: &Tensor) -> Result<HashMap<String, Tensor>, TrainError> {
         let store = loss.backward()?;
+        // With checkpointing, the weights inside recomputed blocks got theirs in the sink.
+        let mut recomputed = self
+            .recompute
+            .as_ref()
+            .map(|s| s.take())
+            .unwrap_or_default();
         let mut out = HashMap::with_capacity(self.params.len());
         for (name, var) in &self.params {
-            match store.get(var.as_tensor()) {
+            let inner = recomputed.remove(&var.as_tensor().id());
+            let g = match (store.get(var.as_tensor()), inner) {
+                (Some(g), Some(i)) => Some((g + i)?),
+                (g, i) => g.cloned().or(i),
+            };
+            match g {
                 Some(g) => {
                     out.insert(name.clone(), g.to_dtype(DType::F32)?);
                 }

@@ -28,14 +28,14 @@ use sidbooth_engine::train::{
     checkpoint::{OPTIMIZER_FILE, STATE_FILE, TRAINABLE_FILE},
     data::{list_images, CaptionedPhoto, PhotoSource},
     method::ExportInfo,
+    optim::AdamWConfig,
+    registry::export_options,
     run::{PriorConfig, TrainConfig, TrainOutcome},
     schedule::LrSchedule,
     trainer::{
-        Callbacks, LoopConfig, MaskNormalization as EngineNormalization, MaskedLossConfig,
-        Resume, StepReport,
+        Callbacks, LoopConfig, MaskNormalization as EngineNormalization, MaskedLossConfig, Resume,
+        StepReport,
     },
-    optim::AdamWConfig,
-    registry::export_options,
     MethodConfig, SettingsContext, TrainModels,
 };
 use tokio::sync::mpsc;
@@ -132,7 +132,11 @@ async fn upload_checkpoint(cx: &StageContext<'_>, dir: &Path) -> Result<(), Stag
     };
     if before != name {
         for file in CHECKPOINT_FILES {
-            if let Err(e) = cx.io.delete_work_file(&checkpoint_name(&before, file)).await {
+            if let Err(e) = cx
+                .io
+                .delete_work_file(&checkpoint_name(&before, file))
+                .await
+            {
                 tracing::warn!(checkpoint = %before, error = ?e, "could not delete an old checkpoint");
             }
         }
@@ -223,7 +227,11 @@ async fn cache_class_images(
 ) -> Result<(), StageError> {
     let paths = list_images(dir).map_err(|e| StageError::transient("workdir", e.to_string()))?;
     for path in paths {
-        let name = path.file_name().unwrap_or_default().to_string_lossy().into_owned();
+        let name = path
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
         if cached.contains(&name) {
             continue;
         }
@@ -294,6 +302,7 @@ async fn run(cx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
             },
             unmasked_weight: m.unmasked_weight,
         }),
+        gradient_checkpointing: settings.gradient_checkpointing(),
         checkpoint_every: cx.engine.args().checkpoint_every.min(max_steps.max(1)),
         checkpoint_dir: Some(checkpoints.clone()),
         keep_checkpoints: 3,
@@ -388,7 +397,9 @@ async fn run(cx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
             Some("txt") => "text/plain",
             _ => "application/octet-stream",
         };
-        cx.io.store_file(&name, content_type, &output.join(file)).await?;
+        cx.io
+            .store_file(&name, content_type, &output.join(file))
+            .await?;
     }
     let summary = serde_json::json!({
         "method": settings.method().as_str(),

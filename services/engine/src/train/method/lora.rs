@@ -11,9 +11,9 @@ use super::{
     export_metadata, ExportContext, ExportInfo, ExportedWeights, ModelsMut, TrainingMethod,
 };
 use crate::lora::{self as lora_names, LoraPart, TEXT_ENCODER_PREFIX, UNET_PREFIX};
+use crate::nn::{Linear, LoraAdapter};
 use crate::pipeline::StableDiffusion;
 use crate::train::registry::MethodEntry;
-use crate::nn::{Linear, LoraAdapter};
 use crate::train::rng::{self, Stream};
 use crate::train::TrainError;
 
@@ -294,7 +294,11 @@ impl TrainingMethod for LoraMethod {
         Ok(ExportedWeights { tensors, metadata })
     }
 
-    fn write_output(&self, ctx: &ExportContext<'_>, dir: &Path) -> Result<Vec<PathBuf>, TrainError> {
+    fn write_output(
+        &self,
+        ctx: &ExportContext<'_>,
+        dir: &Path,
+    ) -> Result<Vec<PathBuf>, TrainError> {
         std::fs::create_dir_all(dir)?;
         let weights = self.export(ctx.info)?;
         weights.save(&dir.join(LORA_FILE))?;
@@ -349,4 +353,3 @@ pub fn to_kohya(weights: &ExportedWeights) -> Result<ExportedWeights, TrainError
     }
     Ok(ExportedWeights { tensors, metadata })
 }
-

@@ -139,11 +139,8 @@ pub trait TrainingMethod {
     /// Writes the method's output into `dir` (created if missing): its files named as the tools
     /// that load them expect (the [`crate::train::registry::MethodEntry::marker`] among them).
     /// Returns the files written, relative to `dir`.
-    fn write_output(
-        &self,
-        ctx: &ExportContext<'_>,
-        dir: &Path,
-    ) -> Result<Vec<PathBuf>, TrainError>;
+    fn write_output(&self, ctx: &ExportContext<'_>, dir: &Path)
+        -> Result<Vec<PathBuf>, TrainError>;
 
     /// Overwrites the trainable parameters with `values` (from a checkpoint). Every trainable
     /// parameter must be present with its shape.
@@ -178,4 +175,3 @@ pub fn export_metadata(info: &ExportInfo) -> BTreeMap<String, String> {
     m.insert("sidbooth.steps".into(), info.steps.to_string());
     m
 }
-
