@@ -7,6 +7,7 @@
 pub mod prompts;
 pub mod report;
 pub mod spec;
+pub mod spec_error;
 pub mod status;
 pub mod text;
 pub mod train;

@@ -8,6 +8,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
 use crate::prompts::{dreambooth_prompts, SubjectKind};
+pub use crate::spec_error::SpecError;
 use crate::text::{IdentifierToken, SubjectClass};
 use crate::train::{TrainMethod, TrainSettings};
 
@@ -278,17 +279,6 @@ pub struct JobSpec {
 
 fn default_stages() -> Vec<Stage> {
     vec![Stage::Describe]
-}
-
-/// Why a spec was refused. Each variant maps to one stable problem type in the API.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum SpecError {
-    #[error("stage {0:?} is not available in this version of sidbooth")]
-    StageNotImplemented(&'static str),
-    #[error("training method {0:?} is not available in this version of sidbooth")]
-    MethodNotImplemented(String),
-    #[error("{0}")]
-    Invalid(String),
 }
 
 impl JobSpec {

@@ -11,7 +11,7 @@
 use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 
-use crate::spec::SpecError;
+use crate::spec_error::SpecError;
 
 /// Restricting the loss to the subject mask (the paper's alternative to SID, for comparison):
 /// every method can train this way, on the job's subject masks.

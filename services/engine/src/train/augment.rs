@@ -16,8 +16,8 @@ use rand::Rng;
 
 use super::data::{resize_center_crop, CaptionedPhoto, PhotoSource};
 use super::host::LatentEncoder;
+use super::loss::MaskedLossConfig;
 use super::rng;
-use super::trainer::MaskedLossConfig;
 use super::TrainError;
 
 /// One preprocessed photo as an augmentation sees it.

@@ -21,6 +21,7 @@ pub mod checkpoint;
 pub mod data;
 pub mod host;
 pub mod io;
+pub mod loss;
 pub mod method;
 pub mod ops;
 pub mod optim;

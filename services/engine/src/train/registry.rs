@@ -12,6 +12,7 @@ use sidbooth_domain::train::TrainSettings;
 use super::method::custom_diffusion::{self, CustomDiffusionConfig, CustomDiffusionMethod};
 use super::method::dreambooth::{self, DreamboothConfig, DreamboothMethod};
 use super::method::svdiff::{self, SvdiffConfig, SvdiffMethod};
+pub use super::method::MethodEntry;
 use super::method::{
     lora, textual_inversion, ExportOptions, LoraConfig, LoraMethod, TextualInversionConfig,
     TextualInversionMethod, TrainingMethod,
@@ -105,17 +106,6 @@ pub fn export_options(s: &TrainSettings) -> ExportOptions {
         TrainSettings::Lora(_) | TrainSettings::CustomDiffusion(_) => {}
     }
     options
-}
-
-/// One method's output on disk.
-pub struct MethodEntry {
-    /// The method's name (`lora`, ...), as the spec spells it.
-    pub kind: &'static str,
-    /// The file whose presence in an output directory says this method wrote it.
-    pub marker: &'static str,
-    /// Puts the output in a directory into a loaded pipeline; `scale` weighs methods that add
-    /// to the base weights (LoRA).
-    pub load: fn(&mut StableDiffusion, &Path, f64) -> crate::Result<()>,
 }
 
 /// Every method's output, in the order [`detect`] tries them. DreamBooth's marker, a whole

@@ -66,13 +66,13 @@ use sidbooth_domain::train::CrossAttentionWeights;
 use sidbooth_imaging::resample::{resize_gray, resize_rgb, Filter};
 
 use super::textual_inversion::{load_embedding, NewToken, TOKEN_EMBEDDING};
+use super::MethodEntry;
 use super::{
     export_metadata, ExportContext, ExportInfo, ExportedWeights, ModelsMut, TrainingMethod,
 };
 use crate::pipeline::StableDiffusion;
 use crate::train::augment::{Augmentation, Augmented, View};
-use crate::train::registry::MethodEntry;
-use crate::train::trainer::{MaskNormalization, MaskedLossConfig};
+use crate::train::loss::{MaskNormalization, MaskedLossConfig};
 use crate::train::TrainError;
 
 /// The file `save_attn_procs` writes and `load_attn_procs` reads.

@@ -50,6 +50,7 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Tensor, Var};
 
+use super::MethodEntry;
 use super::{
     export_metadata, ExportContext, ExportInfo, ExportedWeights, ModelsMut, TrainingMethod,
 };
@@ -57,7 +58,6 @@ use crate::clip::ClipTextModel;
 use crate::config::{ModelDir, Variant};
 use crate::lora::{TEXT_ENCODER_PREFIX, UNET_PREFIX};
 use crate::pipeline::StableDiffusion;
-use crate::train::registry::MethodEntry;
 use crate::train::TrainError;
 use crate::unet::UNet2DConditionModel;
 use crate::weights;

@@ -7,13 +7,13 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 use rand::Rng;
 
+use super::MethodEntry;
 use super::{
     export_metadata, ExportContext, ExportInfo, ExportedWeights, ModelsMut, TrainingMethod,
 };
 use crate::lora::{self as lora_names, LoraPart, TEXT_ENCODER_PREFIX, UNET_PREFIX};
 use crate::nn::{Linear, LoraAdapter};
 use crate::pipeline::StableDiffusion;
-use crate::train::registry::MethodEntry;
 use crate::train::rng::{self, Stream};
 use crate::train::TrainError;
 

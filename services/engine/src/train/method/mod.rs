@@ -137,7 +137,7 @@ pub trait TrainingMethod {
     fn export(&self, info: &ExportInfo) -> Result<ExportedWeights, TrainError>;
 
     /// Writes the method's output into `dir` (created if missing): its files named as the tools
-    /// that load them expect (the [`crate::train::registry::MethodEntry::marker`] among them).
+    /// that load them expect (the [`MethodEntry::marker`] among them).
     /// Returns the files written, relative to `dir`.
     fn write_output(&self, ctx: &ExportContext<'_>, dir: &Path)
         -> Result<Vec<PathBuf>, TrainError>;
@@ -174,4 +174,15 @@ pub fn export_metadata(info: &ExportInfo) -> BTreeMap<String, String> {
     );
     m.insert("sidbooth.steps".into(), info.steps.to_string());
     m
+}
+
+/// One method's output on disk.
+pub struct MethodEntry {
+    /// The method's name (`lora`, ...), as the spec spells it.
+    pub kind: &'static str,
+    /// The file whose presence in an output directory says this method wrote it.
+    pub marker: &'static str,
+    /// Puts the output in a directory into a loaded pipeline; `scale` weighs methods that add
+    /// to the base weights (LoRA).
+    pub load: fn(&mut crate::pipeline::StableDiffusion, &std::path::Path, f64) -> crate::Result<()>,
 }

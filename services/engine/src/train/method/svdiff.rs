@@ -29,12 +29,12 @@ use std::path::{Path, PathBuf};
 use candle_core::{DType, Device, Tensor, Var};
 
 use super::dreambooth::pipeline_dir;
+use super::MethodEntry;
 use super::{
     export_metadata, ExportContext, ExportInfo, ExportedWeights, ModelsMut, TrainingMethod,
 };
 use crate::pipeline::StableDiffusion;
 use crate::train::host::{Denoiser, PromptEncoder};
-use crate::train::registry::MethodEntry;
 use crate::train::TrainError;
 use svd::{Factor, SvdCache};
 

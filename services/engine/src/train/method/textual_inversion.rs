@@ -23,12 +23,12 @@ use std::path::{Path, PathBuf};
 
 use candle_core::{DType, Device, Tensor, Var};
 
+use super::MethodEntry;
 use super::{
     export_metadata, ExportContext, ExportInfo, ExportedWeights, ModelsMut, TrainingMethod,
 };
 use crate::pipeline::StableDiffusion;
 use crate::train::host::PromptEncoder;
-use crate::train::registry::MethodEntry;
 use crate::train::TrainError;
 
 /// The file diffusers' `load_textual_inversion` reads: `{"<token>": [n, hidden]}`.
