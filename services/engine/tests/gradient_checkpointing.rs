@@ -4,7 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use candle_core::{DType, Tensor};
+use candle_core::Tensor;
 use image::{Rgb, RgbImage};
 use sidbooth_domain::train::TrainSettings;
 use sidbooth_engine::train::data::{CaptionedPhoto, LatentSet, PhotoSource};
@@ -12,6 +12,8 @@ use sidbooth_engine::train::method::ModelsMut;
 use sidbooth_engine::train::schedule::LrSchedule;
 use sidbooth_engine::train::trainer::{LoopConfig, TrainInputs, Trainer};
 use sidbooth_engine::train::{MethodConfig, SettingsContext, TrainModels};
+
+mod support;
 
 const RES: u32 = 32;
 
@@ -28,14 +30,7 @@ fn photo(i: u32) -> RgbImage {
 }
 
 fn max_abs(t: &Tensor) -> f64 {
-    t.to_dtype(DType::F64)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
+    support::max_abs(t) as f64
 }
 
 struct Step {

@@ -18,7 +18,7 @@ use sidbooth_engine::train::host::{Denoiser, PromptEncoder};
 use sidbooth_engine::train::method::custom_diffusion::{
     CustomDiffusionConfig, CustomDiffusionMethod, Placement, Rescale, WEIGHTS_FILE,
 };
-use sidbooth_engine::train::method::{ExportInfo, ModelsMut, TrainingMethod, TOKEN_EMBEDDING};
+use sidbooth_engine::train::method::{ExportInfo, TrainingMethod, TOKEN_EMBEDDING};
 use sidbooth_engine::train::optim::{self, AdamW, AdamWConfig};
 use sidbooth_engine::train::registry::{self, MethodConfig, SettingsContext};
 use sidbooth_engine::train::schedule::LrSchedule;
@@ -27,16 +27,15 @@ use sidbooth_engine::train::{
     self, Callbacks, PriorConfig, TrainConfig, TrainModels, TrainOutcome,
 };
 
+mod support;
+use support::{fixtures, flat, max_abs};
+
 /// The learning rate of the reference steps.
 const LR: f64 = 1e-3;
 /// Relative tolerance of every comparison with the reference (fp32, CPU).
 const RTOL: f32 = 1e-4;
 const CAPTION: &str = "a photo of <sks> dog";
 const CLASS_CAPTION: &str = "a photo of dog";
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
 
 fn reference() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(
@@ -59,35 +58,9 @@ fn config(weights: CrossAttentionWeights, augment: bool) -> CustomDiffusionConfi
     }
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 /// `max |ours - want| / max |want|`, asserted below `RTOL`.
 fn assert_rel(name: &str, ours: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(ours.dims(), want.dims(), "{name}: shape");
-    let ours = ours.to_dtype(DType::F32).unwrap();
-    let want = want.to_dtype(DType::F32).unwrap();
-    let rel = max_abs(&(&ours - &want).unwrap()) / max_abs(&want);
-    assert!(
-        rel.is_finite() && rel <= RTOL,
-        "{name}: relative error {rel:e}"
-    );
-    rel
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
+    support::assert_rel(name, ours, want, RTOL)
 }
 
 fn photo(i: u32) -> RgbImage {
@@ -116,18 +89,7 @@ fn attached(
     base: &TrainModels,
     cfg: CustomDiffusionConfig,
 ) -> (TrainModels, CustomDiffusionMethod) {
-    let mut m = base.clone();
-    let mut method = CustomDiffusionMethod::new(cfg).unwrap();
-    method
-        .attach(
-            ModelsMut {
-                unet: &mut m.unet,
-                text_encoder: &mut m.text_encoder,
-            },
-            0,
-        )
-        .unwrap();
-    (m, method)
+    support::attach(base, CustomDiffusionMethod::new(cfg).unwrap(), 0)
 }
 
 fn reference_batch(r: &HashMap<String, Tensor>) -> Batch {

@@ -21,9 +21,7 @@ use sidbooth_engine::train::host::{Denoiser, PromptEncoder};
 use sidbooth_engine::train::method::dreambooth::{
     DreamboothConfig, DreamboothMethod, MODEL_INDEX, SINGLE_FILE,
 };
-use sidbooth_engine::train::method::{
-    ExportContext, ExportInfo, ExportOptions, ModelsMut, TrainingMethod,
-};
+use sidbooth_engine::train::method::{ExportContext, ExportInfo, ExportOptions, TrainingMethod};
 use sidbooth_engine::train::optim::{self, AdamW, AdamWConfig};
 use sidbooth_engine::train::registry::{self, SettingsContext};
 use sidbooth_engine::train::schedule::LrSchedule;
@@ -33,11 +31,10 @@ use sidbooth_engine::train::{
 };
 use sidbooth_engine::weights;
 
-const RTOL: f64 = 1e-4;
+mod support;
+use support::fixtures;
 
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
+const RTOL: f64 = 1e-4;
 
 fn tiny_sd() -> PathBuf {
     fixtures().join("tiny-sd")
@@ -113,18 +110,11 @@ fn photos(n: u32) -> Vec<CaptionedPhoto> {
 }
 
 fn attached(base: &TrainModels, train_text_encoder: bool) -> (TrainModels, DreamboothMethod) {
-    let mut m = base.clone();
-    let mut method = DreamboothMethod::new(DreamboothConfig { train_text_encoder });
-    method
-        .attach(
-            ModelsMut {
-                unet: &mut m.unet,
-                text_encoder: &mut m.text_encoder,
-            },
-            0,
-        )
-        .unwrap();
-    (m, method)
+    support::attach(
+        base,
+        DreamboothMethod::new(DreamboothConfig { train_text_encoder }),
+        0,
+    )
 }
 
 fn tiny_sd_models() -> TrainModels {

@@ -14,7 +14,7 @@ use sidbooth_engine::train::host::Denoiser;
 use sidbooth_engine::train::host::PromptEncoder;
 use sidbooth_engine::train::method::lora::{KOHYA_FILE, LORA_FILE};
 use sidbooth_engine::train::method::{
-    ExportInfo, ExportOptions, ExportedWeights, LoraConfig, LoraMethod, ModelsMut, TrainingMethod,
+    ExportInfo, ExportOptions, ExportedWeights, LoraConfig, LoraMethod, TrainingMethod,
 };
 use sidbooth_engine::train::schedule::LrSchedule;
 use sidbooth_engine::train::trainer::{
@@ -23,6 +23,8 @@ use sidbooth_engine::train::trainer::{
 use sidbooth_engine::train::{
     self, MethodConfig, PriorConfig, TrainConfig, TrainModels, TrainOutcome,
 };
+
+mod support;
 
 const RES: u32 = 32;
 
@@ -91,18 +93,7 @@ fn loop_cfg(max_steps: u64, lr: f64) -> LoopConfig {
 
 /// Fresh copies of the models with a LoRA attached.
 fn attached(base: &TrainModels, cfg: LoraConfig) -> (TrainModels, LoraMethod) {
-    let mut m = base.clone();
-    let mut method = LoraMethod::new(cfg).unwrap();
-    method
-        .attach(
-            ModelsMut {
-                unet: &mut m.unet,
-                text_encoder: &mut m.text_encoder,
-            },
-            5,
-        )
-        .unwrap();
-    (m, method)
+    support::attach(base, LoraMethod::new(cfg).unwrap(), 5)
 }
 
 fn abs_sum(t: &Tensor) -> f64 {

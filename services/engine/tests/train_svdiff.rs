@@ -23,21 +23,20 @@ use sidbooth_engine::train::method::svdiff::svd::{self, Origin, SvdCache};
 use sidbooth_engine::train::method::svdiff::{
     self as svdiff, SvdiffConfig, SvdiffMethod, SHIFTS_FILE, SHIFTS_TE_FILE,
 };
-use sidbooth_engine::train::method::{ExportInfo, ModelsMut, TrainingMethod};
+use sidbooth_engine::train::method::{ExportInfo, TrainingMethod};
 use sidbooth_engine::train::optim::{self, AdamW, AdamWConfig};
 use sidbooth_engine::train::registry::{self, MethodConfig, SettingsContext};
 use sidbooth_engine::train::schedule::LrSchedule;
 use sidbooth_engine::train::trainer::{Batch, Callbacks, LoopConfig, Resume, TrainInputs, Trainer};
 use sidbooth_engine::train::{self, TrainConfig, TrainModels, TrainOutcome};
 
+mod support;
+use support::{assert_rel, fixtures, flat, max_abs, rel_err};
+
 const REL: f32 = 1e-4;
 /// For gradients against the reference's float32 SVD (see
 /// [`one_training_step_matches_unmodified_svdiff_pytorch`]).
 const REL_F32_SVD: f32 = 3e-4;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
 
 fn export_dir() -> PathBuf {
     fixtures().join("svdiff/export")
@@ -75,44 +74,6 @@ fn tiny() -> TrainModels {
     TrainModels::from_pipeline(&pipeline()).unwrap()
 }
 
-fn max_abs(t: &Tensor) -> f32 {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
-/// `max |ours - want| / max |want|`.
-fn rel_err(ours: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(ours.dims(), want.dims());
-    let d = (ours.to_dtype(DType::F32).unwrap() - want.to_dtype(DType::F32).unwrap()).unwrap();
-    max_abs(&d) / max_abs(want)
-}
-
-fn assert_rel(name: &str, ours: &Tensor, want: &Tensor, tol: f32) -> f32 {
-    let e = rel_err(ours, want);
-    assert!(
-        e.is_finite() && e <= tol,
-        "{name}: relative error {e:e} > {tol:e}"
-    );
-    e
-}
-
-fn values(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
 /// A coloured disc on a striped background, 32x32.
 fn photo(i: u32) -> CaptionedPhoto {
     CaptionedPhoto {
@@ -132,18 +93,7 @@ fn photo(i: u32) -> CaptionedPhoto {
 }
 
 fn attached(base: &TrainModels, cfg: SvdiffConfig) -> (TrainModels, SvdiffMethod) {
-    let mut m = base.clone();
-    let mut method = SvdiffMethod::new(cfg).unwrap();
-    method
-        .attach(
-            ModelsMut {
-                unet: &mut m.unet,
-                text_encoder: &mut m.text_encoder,
-            },
-            0,
-        )
-        .unwrap();
-    (m, method)
+    support::attach(base, SvdiffMethod::new(cfg).unwrap(), 0)
 }
 
 /// The name torch gives a weight of the component (the text encoder's under `text_model.`).
@@ -237,9 +187,9 @@ fn decompositions_are_cached_in_memory_and_on_disk() {
     assert_eq!(read.by_name.len(), first.by_name.len());
     for (name, f) in &first.by_name {
         let g = &read.by_name[name];
-        assert_eq!(values(&f.u), values(&g.u), "{name}");
-        assert_eq!(values(&f.s), values(&g.s), "{name}");
-        assert_eq!(values(&f.vt), values(&g.vt), "{name}");
+        assert_eq!(flat(&f.u), flat(&g.u), "{name}");
+        assert_eq!(flat(&f.s), flat(&g.s), "{name}");
+        assert_eq!(flat(&f.vt), flat(&g.vt), "{name}");
     }
 
     // Other weights are another key; a damaged file is recomputed and rewritten.
@@ -358,7 +308,7 @@ fn step_matches_reference(case: &str, train_text_encoder: bool, rel_g: f32) {
         let tol_g = rel_g * max_abs(want_g);
         let want_d = r.get(&format!("{prefix}{name}"));
         let scale = max_abs(want_d);
-        let (d, wd, g) = (values(var.as_tensor()), values(want_d), values(want_g));
+        let (d, wd, g) = (flat(var.as_tensor()), flat(want_d), flat(want_g));
         for i in 0..d.len() {
             let err = (d[i] - wd[i]).abs();
             let explained = first_step_tolerance(lr, g[i], tol_g);
@@ -422,7 +372,7 @@ fn every_open_spectral_shift_gets_a_gradient_and_the_base_stays_frozen() {
         .into_iter()
         .chain(PromptEncoder::named_weights(&base.text_encoder))
         .collect();
-    let frozen_before: Vec<Vec<f32>> = frozen.iter().map(|(_, w)| values(w)).collect();
+    let frozen_before: Vec<Vec<f32>> = frozen.iter().map(|(_, w)| flat(w)).collect();
     assert!(frozen.iter().all(|(_, w)| !w.is_variable()));
 
     // Close some of the ReLUs: the smallest singular value of every matrix exactly at the
@@ -447,7 +397,7 @@ fn every_open_spectral_shift_gets_a_gradient_and_the_base_stays_frozen() {
     .flat_map(|(c, ws)| {
         ws.into_iter().map(move |(n, w)| {
             let key = format!("{c}.{}", svdiff::delta_key(c, &n));
-            (key, values(&svd::factorize(&w).unwrap().s))
+            (key, flat(&svd::factorize(&w).unwrap().s))
         })
     })
     .collect();
@@ -476,7 +426,7 @@ fn every_open_spectral_shift_gets_a_gradient_and_the_base_stays_frozen() {
     let store = loss.backward().unwrap();
     let (mut open_entries, mut closed_entries) = (0, 0);
     for (name, var) in &params {
-        let g = values(
+        let g = flat(
             store
                 .get(var.as_tensor())
                 .unwrap_or_else(|| panic!("{name}: no gradient")),
@@ -507,7 +457,7 @@ fn every_open_spectral_shift_gets_a_gradient_and_the_base_stays_frozen() {
 
     // Training moves the shifts with an open entry and nothing else; the model runs on derived
     // weights, never on variables of its own.
-    let before: Vec<Vec<f32>> = params.iter().map(|(_, v)| values(v.as_tensor())).collect();
+    let before: Vec<Vec<f32>> = params.iter().map(|(_, v)| flat(v.as_tensor())).collect();
     for _ in 0..2 {
         let report = tr.train_step().unwrap();
         assert!(report.loss.is_finite());
@@ -515,7 +465,7 @@ fn every_open_spectral_shift_gets_a_gradient_and_the_base_stays_frozen() {
     drop(tr);
     for ((name, v), b) in params.iter().zip(&before) {
         if closed[name].iter().any(|shut| !shut) {
-            assert!(values(v.as_tensor()) != *b, "{name} did not move");
+            assert!(flat(v.as_tensor()) != *b, "{name} did not move");
         }
     }
     for (name, w) in Denoiser::named_weights(&m.unet)
@@ -525,7 +475,7 @@ fn every_open_spectral_shift_gets_a_gradient_and_the_base_stays_frozen() {
         assert!(!w.is_variable(), "{name} is a variable");
     }
     for ((name, w), b) in frozen.iter().zip(&frozen_before) {
-        assert!(&values(w) == b, "frozen {name} changed");
+        assert!(&flat(w) == b, "frozen {name} changed");
     }
 }
 
@@ -566,7 +516,7 @@ fn resumed_run_matches_uninterrupted_run() {
         method
             .trainable()
             .into_iter()
-            .map(|(n, v)| (n, values(v.as_tensor())))
+            .map(|(n, v)| (n, flat(v.as_tensor())))
             .collect::<BTreeMap<_, _>>()
     };
     let straight = run(4, &dir.join("a"), Resume::No);

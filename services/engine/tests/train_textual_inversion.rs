@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use image::{Rgb, RgbImage};
 use sidbooth_domain::train::TrainSettings;
 use sidbooth_engine::pipeline::{GenerateRequest, StableDiffusion};
@@ -22,14 +22,13 @@ use sidbooth_engine::train::registry::{self, MethodConfig, SettingsContext};
 use sidbooth_engine::train::trainer::{Batch, LoopConfig, TrainInputs, Trainer};
 use sidbooth_engine::train::TrainModels;
 
+mod support;
+use support::{fixtures, flat};
+
 /// The learning rate of the reference steps.
 const LR: f64 = 1e-2;
 /// Relative tolerance of every comparison with the reference (fp32, CPU).
 const RTOL: f32 = 1e-4;
-
-fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures")
-}
 
 fn reference() -> HashMap<String, Tensor> {
     candle_core::safetensors::load(
@@ -53,24 +52,7 @@ fn config() -> TextualInversionConfig {
 
 /// `max |ours - want| / max |want|`, asserted below `RTOL`.
 fn assert_rel(name: &str, ours: &Tensor, want: &Tensor) -> f32 {
-    assert_eq!(ours.dims(), want.dims(), "{name}: shape");
-    let ours = ours.to_dtype(DType::F32).unwrap();
-    let want = want.to_dtype(DType::F32).unwrap();
-    let max = |t: &Tensor| {
-        t.abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    };
-    let rel = max(&(&ours - &want).unwrap()) / max(&want);
-    eprintln!("{name}: relative max error {rel:.2e}");
-    assert!(
-        rel.is_finite() && rel <= RTOL,
-        "{name}: relative error {rel:e}"
-    );
-    rel
+    support::assert_rel(name, ours, want, RTOL)
 }
 
 fn photos() -> Vec<CaptionedPhoto> {
@@ -90,27 +72,7 @@ fn photos() -> Vec<CaptionedPhoto> {
 }
 
 fn attached(base: &TrainModels) -> (TrainModels, TextualInversionMethod) {
-    let mut m = base.clone();
-    let mut method = TextualInversionMethod::new(config()).unwrap();
-    method
-        .attach(
-            ModelsMut {
-                unet: &mut m.unet,
-                text_encoder: &mut m.text_encoder,
-            },
-            0,
-        )
-        .unwrap();
-    (m, method)
-}
-
-fn flat(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
+    support::attach(base, TextualInversionMethod::new(config()).unwrap(), 0)
 }
 
 #[test]
