@@ -13,9 +13,10 @@ use std::path::Path;
 use bytes::Bytes;
 use sha2::{Digest, Sha256};
 use sidbooth_core::{
-    keys, multipart::UploadReport, Artifact, ArtifactStore, CoreError, Description, JobImage,
-    JobStore, Lease, NewArtifact, Queue,
+    keys, mask_artifact_name, multipart::UploadReport, Artifact, ArtifactStore, CoreError,
+    Description, JobImage, JobStore, Lease, NewArtifact, Queue,
 };
+use sidbooth_evaluate::mask::Mask;
 use tokio::sync::Mutex;
 
 use crate::error::StageError;
@@ -178,6 +179,18 @@ impl<'a> JobIo<'a> {
             )),
             Err(e) => Err(e.into()),
         }
+    }
+
+    /// The photo's subject mask (`masks/NN.png`, from the describe stage or an upload), if it
+    /// has one.
+    pub async fn subject_mask(&self, image: &JobImage) -> Result<Option<Mask>, StageError> {
+        let name = mask_artifact_name(image.idx);
+        let Some(bytes) = self.artifact(&name).await? else {
+            return Ok(None);
+        };
+        Mask::from_png(&bytes)
+            .map(Some)
+            .map_err(|e| StageError::permanent("mask_invalid", format!("{name}: {e}")))
     }
 
     /// Stores (or replaces) an artifact of the job.

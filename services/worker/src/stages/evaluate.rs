@@ -305,18 +305,11 @@ async fn load_references(cx: &StageContext<'_>) -> Result<Vec<Reference>, StageE
     let mut out = Vec::with_capacity(images.len());
     for image in images {
         let mask = match masks.iter().find(|m| m.idx == image.idx) {
-            Some(row) => {
-                let name = mask_artifact_name(image.idx);
-                match cx.io.artifact(&name).await? {
-                    Some(bytes) => {
-                        let mask = Mask::from_png(&bytes).map_err(|e| {
-                            StageError::permanent("mask_invalid", format!("{name}: {e}"))
-                        })?;
-                        Some((mask, row.source, f64::from(row.coverage)))
-                    }
-                    None => None,
-                }
-            }
+            Some(row) => cx
+                .io
+                .subject_mask(&image)
+                .await?
+                .map(|mask| (mask, row.source, f64::from(row.coverage))),
             None => None,
         };
         out.push(Reference {

@@ -18,7 +18,6 @@ use std::{
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use sha2::{Digest, Sha256};
-use sidbooth_core::mask_artifact_name;
 use sidbooth_domain::{
     train::{MaskNormalization, TrainSettings},
     Stage,
@@ -164,8 +163,7 @@ async fn photos(
         let mask = match settings.masked_loss() {
             None => None,
             Some(_) => {
-                let name = mask_artifact_name(image.idx);
-                let bytes = cx.io.artifact(&name).await?.ok_or_else(|| {
+                let mask = cx.io.subject_mask(image).await?.ok_or_else(|| {
                     StageError::permanent(
                         "mask_missing",
                         format!(
@@ -175,8 +173,6 @@ async fn photos(
                         ),
                     )
                 })?;
-                let mask = sidbooth_evaluate::mask::Mask::from_png(&bytes)
-                    .map_err(|e| StageError::permanent("mask_invalid", format!("{name}: {e}")))?;
                 Some(mask.as_gray().clone())
             }
         };
