@@ -198,21 +198,8 @@ impl ArtifactStore {
                     }
                 }
             }
-            Some(stale) => {
-                // Another file now: its parts are of no use, and a server keeps them (and bills
-                // them) until the upload is aborted.
-                let aborted = self
-                    .client()
-                    .abort_multipart_upload()
-                    .bucket(self.bucket())
-                    .key(&stale.key)
-                    .upload_id(&stale.upload_id)
-                    .send()
-                    .await;
-                if let Err(e) = aborted {
-                    tracing::warn!(error = %crate::storage::sdk_err(e), "could not abort a stale upload");
-                }
-            }
+            // Another file now: its parts are of no use.
+            Some(stale) => self.abort(&stale).await,
             None => {}
         }
         let created = self
@@ -237,6 +224,40 @@ impl ArtifactStore {
         };
         self.save_record(record_key, &record).await?;
         Ok((record, Default::default()))
+    }
+
+    /// Gives up the upload recorded at `record_key`, if there is one: aborts it on the server
+    /// and deletes the record. For a file that is no longer wanted (an old checkpoint whose
+    /// upload a killed worker left half done).
+    pub async fn abandon_upload(&self, record_key: &str) -> Result<()> {
+        let recorded = match self.get(record_key).await {
+            Ok(bytes) => serde_json::from_slice::<UploadRecord>(&bytes).ok(),
+            Err(CoreError::NotFound) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        if let Some(record) = recorded {
+            self.abort(&record).await;
+        }
+        match self.delete(record_key).await {
+            Ok(()) | Err(CoreError::NotFound) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Aborts an upload: a server keeps (and bills) its parts until then. A failure is only
+    /// logged, since the upload may already be gone.
+    async fn abort(&self, record: &UploadRecord) {
+        let aborted = self
+            .client()
+            .abort_multipart_upload()
+            .bucket(self.bucket())
+            .key(&record.key)
+            .upload_id(&record.upload_id)
+            .send()
+            .await;
+        if let Err(e) = aborted {
+            tracing::warn!(error = %crate::storage::sdk_err(e), "could not abort an upload");
+        }
     }
 
     /// Part numbers the server holds for the upload; an error when the upload is gone.

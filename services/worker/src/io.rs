@@ -393,8 +393,12 @@ impl<'a> JobIo<'a> {
         }
     }
 
-    /// Deletes the work file `name` (a missing one is no error).
+    /// Deletes the work file `name` and gives up an unfinished upload of it (a missing one is
+    /// no error).
     pub async fn delete_work_file(&self, name: &str) -> Result<(), StageError> {
+        self.store
+            .abandon_upload(&self.upload_record(&format!("work/{name}")))
+            .await?;
         match self.store.delete(&self.blob("work", name)).await {
             Ok(()) | Err(CoreError::NotFound) => Ok(()),
             Err(e) => Err(e.into()),

@@ -6,8 +6,10 @@ mod support;
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use sidbooth_core::keys;
 use sidbooth_domain::JobStatus;
+use sidbooth_engine::train::checkpoint::{OPTIMIZER_FILE, STATE_FILE, TRAINABLE_FILE};
 use sidbooth_worker::ShutdownMode;
 use support::{spawn, Env};
 
@@ -165,6 +167,97 @@ async fn svdiff_resumes_from_the_last_checkpoint_after_a_kill() {
         "spectral_shifts.safetensors",
     )
     .await;
+}
+
+/// A worker killed while it uploaded a checkpoint leaves that checkpoint's files (and the record
+/// of an unfinished multipart upload) where no `latest` pointer names them; the checkpoint
+/// journal does, and the next owner's first checkpoint deletes them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_of_a_checkpoint_a_killed_worker_left_half_uploaded_are_deleted() {
+    let env = Env::new().await;
+    let id = env
+        .create_job(
+            manual_train_spec(serde_json::json!({"method": "lora", "steps": 8, "rank": 2})),
+            3,
+        )
+        .await;
+    let store = &env.storage.store;
+    let blob = |file: &str| {
+        keys::blob(
+            env.tenant,
+            id,
+            "work",
+            &format!("train/checkpoint-00000099/{file}"),
+        )
+    };
+    let orphans = [blob(TRAINABLE_FILE), blob(OPTIMIZER_FILE)];
+    for key in &orphans {
+        store
+            .put(
+                key,
+                Bytes::from_static(b"partial"),
+                "application/octet-stream",
+            )
+            .await
+            .unwrap();
+    }
+    // The record of the third file's upload, to a server that no longer knows the upload.
+    let record = format!(
+        "{}.upload",
+        keys::blob(
+            env.tenant,
+            id,
+            "work",
+            &format!("upload/work/train/checkpoint-00000099/{STATE_FILE}")
+        )
+    );
+    let upload = serde_json::json!({"key": blob(STATE_FILE), "upload_id": "gone",
+                                    "part_size": 5242880, "size": 20000000, "parts": {}});
+    store
+        .put(&record, Bytes::from(upload.to_string()), "application/json")
+        .await
+        .unwrap();
+    store
+        .put(
+            &keys::work(env.tenant, id, "train/written"),
+            Bytes::from_static(br#"["checkpoint-00000099"]"#),
+            "application/json",
+        )
+        .await
+        .unwrap();
+
+    let mut config = env.config(ShutdownMode::FinishStage);
+    config.engine.tiny_model = Some(5);
+    config.engine.checkpoint_every = 4;
+    let worker = spawn(env.worker_with(config, env.vlm_config()));
+    env.wait_status(id, JobStatus::Succeeded, WAIT).await;
+    worker.stop().await;
+
+    let work = store.list(&keys::work(env.tenant, id, "")).await.unwrap();
+    for key in orphans.iter().chain([&record]) {
+        assert!(!work.contains(key), "{key} left in {work:#?}");
+    }
+    let last = |file: &str| {
+        keys::blob(
+            env.tenant,
+            id,
+            "work",
+            &format!("train/checkpoint-00000008/{file}"),
+        )
+    };
+    for file in [TRAINABLE_FILE, OPTIMIZER_FILE, STATE_FILE] {
+        assert!(work.contains(&last(file)), "{file} of the last checkpoint");
+    }
+    assert_eq!(
+        work.iter().filter(|k| k.contains("/work/b-")).count(),
+        3,
+        "{work:#?}"
+    );
+    let journal = store
+        .get(&keys::work(env.tenant, id, "train/written"))
+        .await
+        .unwrap();
+    assert_eq!(&journal[..], br#"["checkpoint-00000008"]"#);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -111,36 +111,62 @@ async fn restore_checkpoint(
     Ok(Some(name))
 }
 
-/// Uploads a checkpoint directory, moves the `latest` pointer to it, then deletes the
-/// checkpoint the pointer named before: only the newest is ever resumed from, and older ones
-/// would pile up (gigabytes each for full fine-tuning).
+/// The names of every checkpoint that may have files in storage, written before any of a new
+/// checkpoint's files go up: a worker killed mid-upload (or between moving `latest` and deleting
+/// the checkpoint before) leaves files that only this list still names, and the next owner's
+/// first checkpoint deletes them.
+const WRITTEN: &str = "train/written";
+
+async fn written_checkpoints(cx: &StageContext<'_>) -> Result<Vec<String>, StageError> {
+    let mut names: Vec<String> = match cx.io.work(WRITTEN).await? {
+        Some(bytes) => serde_json::from_slice(&bytes).unwrap_or_default(),
+        None => Vec::new(),
+    };
+    // A journal lost or unreadable still knows the checkpoint `latest` names.
+    if let Some(latest) = cx.io.work(LATEST).await? {
+        names.push(String::from_utf8_lossy(&latest).trim().to_owned());
+    }
+    names.sort();
+    names.dedup();
+    Ok(names)
+}
+
+async fn put_written(cx: &StageContext<'_>, names: &[String]) -> Result<(), StageError> {
+    let body = serde_json::to_vec(names).map_err(engine_error)?;
+    cx.io.put_work(WRITTEN, Bytes::from(body)).await
+}
+
+/// Uploads a checkpoint directory, moves the `latest` pointer to it, then deletes every other
+/// checkpoint: only the newest is ever resumed from, and older ones would pile up (gigabytes
+/// each for full fine-tuning).
 async fn upload_checkpoint(cx: &StageContext<'_>, dir: &Path) -> Result<(), StageError> {
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
         .ok_or_else(|| engine_error("checkpoint directory without a name"))?;
+    let mut written = written_checkpoints(cx).await?;
+    if !written.contains(&name) {
+        written.push(name.clone());
+        put_written(cx, &written).await?;
+    }
     for file in CHECKPOINT_FILES {
         cx.io
             .put_work_file(&checkpoint_name(&name, file), &dir.join(file))
             .await?;
     }
-    let before = cx.io.work(LATEST).await?;
     cx.io.put_work(LATEST, Bytes::from(name.clone())).await?;
-    let Some(before) = before.map(|b| String::from_utf8_lossy(&b).trim().to_owned()) else {
-        return Ok(());
-    };
-    if before != name {
+    let mut kept = vec![name.clone()];
+    for old in written.iter().filter(|w| **w != name) {
         for file in CHECKPOINT_FILES {
-            if let Err(e) = cx
-                .io
-                .delete_work_file(&checkpoint_name(&before, file))
-                .await
-            {
-                tracing::warn!(checkpoint = %before, error = ?e, "could not delete an old checkpoint");
+            if let Err(e) = cx.io.delete_work_file(&checkpoint_name(old, file)).await {
+                // Still listed, so a later checkpoint tries again.
+                tracing::warn!(checkpoint = %old, error = ?e, "could not delete an old checkpoint");
+                kept.push(old.clone());
+                break;
             }
         }
     }
-    Ok(())
+    put_written(cx, &kept).await
 }
 
 /// The photos with their descriptions (the token rewritten for the methods that learn
