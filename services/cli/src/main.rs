@@ -94,6 +94,7 @@ fn init_tracing() {
 
 #[tokio::main]
 async fn main() -> Result<()> {
+    sidbooth_engine::kernels::keep_freed_memory();
     let cli = Cli::parse();
     init_tracing();
     match cli.command {

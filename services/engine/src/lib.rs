@@ -57,6 +57,7 @@ pub mod attention;
 pub mod clip;
 pub mod config;
 pub mod error;
+pub mod kernels;
 pub mod lora;
 pub mod nn;
 pub mod pipeline;

@@ -160,71 +160,12 @@ impl Conv2d {
     }
 }
 
-/// `[B, C, H, W]` (contiguous f32) to columns `[B, C*k*k, Ho*Wo]` for a k x k convolution.
-fn im2col_f32(
-    xs: &[f32],
-    (b, c, h, w): (usize, usize, usize, usize),
-    k: usize,
-    stride: usize,
-    pad: usize,
-) -> (Vec<f32>, usize, usize) {
-    let ho = (h + 2 * pad - k) / stride + 1;
-    let wo = (w + 2 * pad - k) / stride + 1;
-    let rows = c * k * k;
-    let mut cols = vec![0f32; b * rows * ho * wo];
-    for bi in 0..b {
-        for ci in 0..c {
-            let src = &xs[(bi * c + ci) * h * w..(bi * c + ci + 1) * h * w];
-            for ky in 0..k {
-                for kx in 0..k {
-                    let row = (ci * k + ky) * k + kx;
-                    let dst =
-                        &mut cols[(bi * rows + row) * ho * wo..(bi * rows + row + 1) * ho * wo];
-                    // output columns whose input column is inside the image
-                    let ox0 = (pad.saturating_sub(kx)).div_ceil(stride);
-                    let ox1 = ((w + pad).saturating_sub(kx)).div_ceil(stride).min(wo);
-                    if ox0 >= ox1 {
-                        continue;
-                    }
-                    for oy in 0..ho {
-                        let iy = (oy * stride + ky) as isize - pad as isize;
-                        if iy < 0 || iy >= h as isize {
-                            continue;
-                        }
-                        let srow = &src[iy as usize * w..(iy as usize + 1) * w];
-                        let drow = &mut dst[oy * wo..(oy + 1) * wo];
-                        let ix0 = ox0 * stride + kx - pad;
-                        if stride == 1 {
-                            drow[ox0..ox1].copy_from_slice(&srow[ix0..ix0 + (ox1 - ox0)]);
-                        } else {
-                            for (j, d) in drow[ox0..ox1].iter_mut().enumerate() {
-                                *d = srow[ix0 + j * stride];
-                            }
-                        }
-                    }
-                }
-            }
-        }
-    }
-    (cols, ho, wo)
-}
-
 impl Conv2d {
-    /// Inference path on the CPU: explicit im2col and one matrix product (much faster than
-    /// candle's tiled CPU convolution at diffusion-model sizes). Not differentiable.
+    /// Inference path on the CPU (see `kernels::conv`). Not differentiable.
     fn forward_im2col(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, c, h, w) = x.dims4()?;
-        let (o, _, k, _) = self.weight.dims4()?;
-        let xs = x.contiguous()?.flatten_all()?.to_vec1::<f32>()?;
-        let (cols, ho, wo) = im2col_f32(&xs, (b, c, h, w), k, self.stride, self.padding);
-        let cols = Tensor::from_vec(cols, (b, c * k * k, ho * wo), x.device())?;
-        let wm = self.weight.reshape((o, c * k * k))?;
-        let y = wm
-            .broadcast_left(b)?
-            .matmul(&cols)?
-            .reshape((b, o, ho, wo))?;
+        let y = crate::kernels::conv::conv2d(x, &self.weight, self.padding, self.stride)?;
         match &self.bias {
-            Some(bi) => y.broadcast_add(&bi.reshape((1, o, 1, 1))?),
+            Some(bi) => y.broadcast_add(&bi.reshape((1, bi.dims1()?, 1, 1))?),
             None => Ok(y),
         }
     }
@@ -232,21 +173,15 @@ impl Conv2d {
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let k = self.weight.dim(2)?;
         let no_grad = !(x.track_op()
             || self.weight.track_op()
             || self.bias.as_ref().is_some_and(|b| b.track_op()));
-        if no_grad
-            && k > 1
-            && x.device().is_cpu()
-            && x.dtype() == DType::F32
-            && self.weight.dtype() == DType::F32
-        {
+        if no_grad && crate::kernels::conv::applies(x, &self.weight) {
             return self.forward_im2col(x);
         }
         // candle's conv backward always computes the kernel gradient (through a slow CPU
         // conv_transpose); for a frozen kernel only the input gradient is needed.
-        let y = crate::train::ops::frozen_conv2d(x, &self.weight, self.padding, self.stride)?;
+        let y = crate::train::ops::conv2d(x, &self.weight, self.padding, self.stride)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dims1()?, 1, 1))?),
             None => Ok(y),
@@ -274,6 +209,9 @@ impl LayerNorm {
 
 impl Module for LayerNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if crate::kernels::norm::supported(x, &self.weight, &self.bias) {
+            return crate::kernels::norm::layer_norm(x, &self.weight, &self.bias, self.eps);
+        }
         if !(x.track_op() || self.weight.track_op() || self.bias.track_op()) {
             // nothing here needs a gradient: the fused kernel (which records no backward op)
             return candle_nn::ops::layer_norm(
@@ -330,6 +268,38 @@ impl GroupNorm {
 
 impl Module for GroupNorm {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        if crate::kernels::norm::supported(x, &self.weight, &self.bias) {
+            return crate::kernels::norm::group_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                false,
+            );
+        }
+        self.forward_composed(x)
+    }
+}
+
+impl GroupNorm {
+    /// `silu(self.forward(x))`, one kernel on the CPU (every resnet norm is followed by SiLU).
+    pub fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        if crate::kernels::norm::supported(x, &self.weight, &self.bias) {
+            return crate::kernels::norm::group_norm(
+                x,
+                &self.weight,
+                &self.bias,
+                self.groups,
+                self.eps,
+                true,
+            );
+        }
+        silu(&self.forward_composed(x)?)
+    }
+
+    /// The composition of candle ops (any device and dtype; differentiable).
+    pub fn forward_composed(&self, x: &Tensor) -> Result<Tensor> {
         let dt = x.dtype();
         let internal = if dt == DType::F16 || dt == DType::BF16 {
             DType::F32

@@ -82,12 +82,12 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&silu(&self.norm1.forward(x)?)?)?;
+        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
         if let (Some(p), Some(t)) = (&self.time_emb_proj, temb) {
             let t = p.forward(&silu(t)?)?.unsqueeze(2)?.unsqueeze(3)?;
             h = h.broadcast_add(&t)?;
         }
-        let h = self.conv2.forward(&silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
@@ -184,14 +184,19 @@ impl Attention {
         } else {
             (q, k)
         };
-        let w = (q.matmul(&k.t()?)? * scale)?;
-        // softmax in f32 for half-precision inputs (as torch's fused attention accumulates)
-        let p = softmax_last(&w.to_dtype(DType::F32)?)?.to_dtype(dt)?;
-        if let Some(f) = probs_out {
-            f(&p)?;
-        }
-        let o = p
-            .matmul(&v)?
+        let o = match probs_out {
+            // Without a recorder the probabilities are never held whole (see `kernels`).
+            None => crate::kernels::attention::attention(&q, &k, &v, scale)?,
+            Some(f) => {
+                let w = (q.matmul(&k.t()?)? * scale)?;
+                // softmax in f32 for half-precision inputs (as torch's fused attention
+                // accumulates)
+                let p = softmax_last(&w.to_dtype(DType::F32)?)?.to_dtype(dt)?;
+                f(&p)?;
+                p.matmul(&v)?
+            }
+        };
+        let o = o
             .transpose(1, 2)?
             .reshape((b, n, self.heads * self.head_dim))?;
         self.to_out.forward(&o)
@@ -753,7 +758,7 @@ impl UNet2DConditionModel {
                 x = u.forward(&x.upsample_nearest2d(th, tw)?)?;
             }
         }
-        self.conv_out.forward(&silu(&self.norm_out.forward(&x)?)?)
+        self.conv_out.forward(&self.norm_out.forward_silu(&x)?)
     }
 }
 

@@ -5,7 +5,7 @@ use candle_core::{Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::config::VaeConfig;
-use crate::nn::{silu, softmax_last, Conv2d, GroupNorm, Linear};
+use crate::nn::{Conv2d, GroupNorm, Linear};
 use crate::unet::ResnetBlock2D;
 
 const EPS: f64 = 1e-6;
@@ -67,12 +67,13 @@ impl VaeAttention {
         let v = self.v.forward(&hs)?;
         let dt = q.dtype();
         let scale = (c as f64).powf(-0.5);
-        let att = (q
-            .to_dtype(candle_core::DType::F32)?
-            .matmul(&k.to_dtype(candle_core::DType::F32)?.t()?)?
-            * scale)?;
-        let p = softmax_last(&att)?.to_dtype(dt)?;
-        let o = self.out.forward(&p.matmul(&v)?)?;
+        // One head: [b, 1, hw, c]; scores in f32 (as diffusers upcasts the VAE's attention).
+        let f32 = |t: &Tensor| t.to_dtype(candle_core::DType::F32)?.unsqueeze(1);
+        let o =
+            crate::kernels::attention::attention(&f32(&q)?, &f32(&k)?, &v.unsqueeze(1)?, scale)?
+                .squeeze(1)?
+                .to_dtype(dt)?;
+        let o = self.out.forward(&o)?;
         let o = o.transpose(1, 2)?.reshape((b, c, h, w))?;
         o + x
     }
@@ -277,7 +278,7 @@ impl AutoencoderKL {
             }
         }
         h = e.mid.forward(&h)?;
-        h = e.conv_out.forward(&silu(&e.norm_out.forward(&h)?)?)?;
+        h = e.conv_out.forward(&e.norm_out.forward_silu(&h)?)?;
         let moments = self.quant_conv.forward(&h)?;
         let lat = self.config.latent_channels;
         let mean = moments.narrow(1, 0, lat)?;
@@ -301,7 +302,7 @@ impl AutoencoderKL {
                 h = u.forward(&h.upsample_nearest2d(hh * 2, ww * 2)?)?;
             }
         }
-        d.conv_out.forward(&silu(&d.norm_out.forward(&h)?)?)
+        d.conv_out.forward(&d.norm_out.forward_silu(&h)?)
     }
 
     /// Diffusion latents of images in `[-1, 1]`: `(mean + std * noise) * scaling_factor`

@@ -1,0 +1,233 @@
+//! Scaled dot-product attention that never holds the whole `N x M` probability matrix.
+//!
+//! The plain composition (`softmax(q kᵀ · scale) v`) keeps, per layer, the scores and the
+//! probabilities of every head for the backward pass: at 512² (4096 latent positions) that is
+//! 4096² floats per head, hundreds of MB per self-attention layer. Here the queries are taken
+//! in chunks: the forward computes each chunk's probabilities, its output rows and the rows'
+//! log-sum-exp, and drops the probabilities; the backward computes them again from `q`, `k` and
+//! the saved log-sum-exp, chunk by chunk (FlashAttention's recomputation, with candle's matrix
+//! products as the inner loop). The op keeps `q`, `k`, `v`, the output and one float per query
+//! row. Values and gradients equal the plain composition's to rounding (tests below).
+
+use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+
+use super::{storage_of_cpu, storage_of_cuda, Output};
+
+/// Most score elements (`chunk x M` per batch and head, all heads together) computed at once:
+/// 16 Mi floats, 64 MB in f32.
+const CHUNK_ELEMENTS: usize = 1 << 24;
+
+/// Query rows per chunk for `[b, h, n, _]` queries against `m` keys.
+fn chunk_rows(b: usize, h: usize, n: usize, m: usize) -> usize {
+    (CHUNK_ELEMENTS / (b * h * m).max(1)).clamp(1, n.max(1))
+}
+
+/// `softmax(q kᵀ · scale) v` for `q` `[B, H, N, D]`, `k` and `v` `[B, H, M, D]`. The scores are
+/// computed in the dtype of `q` and `k` (upcast them first for f32 scores) and the softmax in
+/// f32; the probabilities multiply `v` in its dtype. Differentiable in all three inputs.
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+    let (o, lse) = forward_chunked(&q.detach(), &k.detach(), &v.detach(), scale)?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(o);
+    }
+    q.apply_op3(
+        k,
+        v,
+        Attention {
+            y: Output::new(o),
+            lse,
+            scale,
+        },
+    )
+}
+
+/// The output `[B, H, N, D]` and the log-sum-exp of each query row `[B, H, N, 1]` (f32).
+fn forward_chunked(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Tensor, Tensor)> {
+    let (b, h, n, _) = q.dims4()?;
+    let m = k.dim(2)?;
+    let rows = chunk_rows(b, h, n, m);
+    let kt = k.t()?;
+    let (mut outs, mut lses) = (Vec::new(), Vec::new());
+    let mut start = 0;
+    while start < n {
+        let len = rows.min(n - start);
+        let qc = q.narrow(2, start, len)?;
+        let s = (qc.matmul(&kt)? * scale)?.to_dtype(DType::F32)?;
+        let max = s.max_keepdim(D::Minus1)?;
+        let e = s.broadcast_sub(&max)?.exp()?;
+        let sum = e.sum_keepdim(D::Minus1)?;
+        let p = e.broadcast_div(&sum)?;
+        outs.push(p.to_dtype(v.dtype())?.matmul(v)?);
+        lses.push((max + sum.log()?)?);
+        start += len;
+    }
+    let o = if outs.len() == 1 {
+        outs.pop().expect("one chunk")
+    } else {
+        Tensor::cat(&outs, 2)?
+    };
+    let lse = if lses.len() == 1 {
+        lses.pop().expect("one chunk")
+    } else {
+        Tensor::cat(&lses, 2)?
+    };
+    Ok((o.contiguous()?, lse))
+}
+
+struct Attention {
+    /// The output, handed to candle by the forward (see [`Output`]).
+    y: Output,
+    lse: Tensor,
+    scale: f64,
+}
+
+impl CustomOp3 for Attention {
+    fn name(&self) -> &'static str {
+        "chunked-attention"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        storage_of_cpu(&self.y.take()?)
+    }
+
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        storage_of_cuda(&self.y.take()?)
+    }
+
+    fn bwd(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        // Only the inputs in a graph get a gradient (the keys and values of a cross-attention
+        // whose projections are frozen are not).
+        let want = (q.track_op(), k.track_op(), v.track_op());
+        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        let (b, h, n, _) = q.dims4()?;
+        let m = k.dim(2)?;
+        let rows = chunk_rows(b, h, n, m);
+        let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+        // rowsum(dO ∘ O): the softmax backward's correction, one float per query row.
+        let delta = (f32(grad)? * f32(out)?)?.sum_keepdim(D::Minus1)?;
+        let (kt, vt) = (k.t()?, v.t()?);
+        let mut dq = Vec::new();
+        let mut dk: Option<Tensor> = None;
+        let mut dv: Option<Tensor> = None;
+        let add = |acc: Option<Tensor>, t: Tensor| -> Result<Option<Tensor>> {
+            Ok(Some(match acc {
+                Some(a) => (a + t)?,
+                None => t,
+            }))
+        };
+        let mut start = 0;
+        while start < n {
+            let len = rows.min(n - start);
+            let qc = q.narrow(2, start, len)?;
+            let go = grad.narrow(2, start, len)?;
+            let s = (qc.matmul(&kt)? * self.scale)?.to_dtype(DType::F32)?;
+            let p = s.broadcast_sub(&self.lse.narrow(2, start, len)?)?.exp()?;
+            dv = add(
+                dv,
+                p.to_dtype(v.dtype())?
+                    .t()?
+                    .matmul(&go.to_dtype(v.dtype())?)?,
+            )?;
+            let dp = f32(&go.to_dtype(v.dtype())?.matmul(&vt)?)?;
+            let ds = (p * dp.broadcast_sub(&delta.narrow(2, start, len)?)?)?
+                .affine(self.scale, 0.0)?
+                .to_dtype(q.dtype())?;
+            if want.0 {
+                dq.push(ds.matmul(&k)?);
+            }
+            if want.1 {
+                dk = add(dk, ds.t()?.matmul(&qc)?)?;
+            }
+            start += len;
+        }
+        let dq = match dq.len() {
+            0 => None,
+            1 => dq.pop(),
+            _ => Some(Tensor::cat(&dq, 2)?),
+        };
+        Ok((dq, dk, dv))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    /// The plain composition this op replaces.
+    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
+        let s = (q.matmul(&k.t()?)? * scale)?;
+        crate::nn::softmax_last_differentiable(&s)?.matmul(v)
+    }
+
+    fn rel(a: &Tensor, b: &Tensor) -> f32 {
+        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        let s = b.abs().unwrap().max_all().unwrap();
+        d.to_scalar::<f32>().unwrap() / s.to_scalar::<f32>().unwrap().max(1e-12)
+    }
+
+    fn check(shape_q: (usize, usize, usize, usize), m: usize) -> Result<()> {
+        let dev = Device::Cpu;
+        let (b, h, n, d) = shape_q;
+        let q = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, n, d), &dev)?)?;
+        let k = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, m, d), &dev)?)?;
+        let v = Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, h, m, d), &dev)?)?;
+        let w = Tensor::randn(0f32, 1.0, (b, h, n, d), &dev)?;
+        let scale = (d as f64).powf(-0.5);
+        let ours = attention(&q, &k, &v, scale)?;
+        let plain = reference(&q, &k, &v, scale)?;
+        assert!(rel(&ours, &plain) < 1e-5, "values {}", rel(&ours, &plain));
+        let g_ours = (ours * &w)?.sum_all()?.backward()?;
+        let g_plain = (plain * &w)?.sum_all()?.backward()?;
+        for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+            let (a, r) = (g_ours.get(var).unwrap(), g_plain.get(var).unwrap());
+            assert!(rel(a, r) < 1e-5, "{name} grad {}", rel(a, r));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn matches_the_plain_composition_in_values_and_gradients() -> Result<()> {
+        check((2, 3, 40, 8), 40)?; // self-attention, one chunk
+        check((1, 2, 33, 16), 7) // cross-attention
+    }
+
+    #[test]
+    fn chunked_queries_give_the_same_values_and_gradients() -> Result<()> {
+        // 2 * 4 * 4096 scores per query row: chunks of 512 rows, the last one short.
+        assert_eq!(chunk_rows(2, 4, 1100, 4096), 512);
+        check((2, 4, 1100, 4), 4096)
+    }
+
+    #[test]
+    fn without_a_graph_it_records_nothing() -> Result<()> {
+        let q = Tensor::randn(0f32, 1.0, (1, 1, 5, 4), &Device::Cpu)?;
+        let o = attention(&q, &q, &q, 0.5)?;
+        assert!(!o.track_op());
+        assert!(rel(&o, &reference(&q, &q, &q, 0.5)?) < 1e-6);
+        Ok(())
+    }
+}

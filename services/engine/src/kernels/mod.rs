@@ -1,0 +1,184 @@
+//! Operations written as one custom op instead of a composition of candle ops, for speed or
+//! for memory: attention that never keeps its probability matrix, fused normalisations, the
+//! CPU convolution.
+//!
+//! They share one trick: the forward result is computed before the op is recorded (with
+//! candle ops on detached tensors, or a CPU kernel), and the op's forward only hands that
+//! result to candle, so that the graph holds what the op's own backward needs and nothing else.
+
+pub mod attention;
+pub mod conv;
+pub mod norm;
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, Layout, Result, Shape, Storage, Tensor};
+
+/// Returns `y`'s storage as an op's output (forward already computed).
+pub(crate) fn storage_of_cpu(y: &Tensor) -> Result<(CpuStorage, Shape)> {
+    let (s, l) = y.storage_and_layout();
+    match &*s {
+        Storage::Cpu(cs) if l.is_contiguous() && l.start_offset() == 0 => {
+            Ok((cs.clone(), y.shape().clone()))
+        }
+        Storage::Cpu(_) => candle_core::bail!("custom op: output not contiguous"),
+        _ => candle_core::bail!("custom op: output not on the CPU"),
+    }
+}
+
+pub(crate) fn storage_of_cuda(y: &Tensor) -> Result<(CudaStorage, Shape)> {
+    let (s, l) = y.storage_and_layout();
+    match &*s {
+        Storage::Cuda(cs) => Ok((cs.try_clone(l)?, y.shape().clone())),
+        _ => candle_core::bail!("custom op: output not on a CUDA device"),
+    }
+}
+
+/// The forward result, handed to candle once and then dropped: the op stays in the graph until
+/// the backward pass, and keeping the result there too would hold every layer's output twice.
+pub(crate) struct Output(std::sync::Mutex<Option<Tensor>>);
+
+impl Output {
+    pub(crate) fn new(y: Tensor) -> Self {
+        Self(std::sync::Mutex::new(Some(y)))
+    }
+
+    /// None: the op computes its output in its own forward (the CPU kernels).
+    pub(crate) fn none() -> Self {
+        Self(std::sync::Mutex::new(None))
+    }
+
+    pub(crate) fn try_take(&self) -> Option<Tensor> {
+        self.0.lock().ok()?.take()
+    }
+
+    pub(crate) fn take(&self) -> Result<Tensor> {
+        self.0
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("custom op: poisoned".into()))?
+            .take()
+            .ok_or_else(|| candle_core::Error::Msg("custom op: forward ran twice".into()))
+    }
+}
+
+/// The values of a contiguous f32 CPU storage.
+pub(crate) fn f32_slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    match (s, l.contiguous_offsets()) {
+        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
+        (CpuStorage::F32(_), None) => candle_core::bail!("CPU kernel: input not contiguous"),
+        _ => candle_core::bail!("CPU kernel: expected f32, got {:?}", s.dtype()),
+    }
+}
+
+/// Runs `f` on the values of an f32 CPU tensor, borrowed from its storage (copied only when
+/// the tensor is not contiguous).
+pub(crate) fn with_f32<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
+    let t = t.contiguous()?;
+    let (s, l) = t.storage_and_layout();
+    match &*s {
+        Storage::Cpu(c) => f(f32_slice(c, l)?),
+        _ => candle_core::bail!("CPU kernel: tensor not on the CPU"),
+    }
+}
+
+fn parallelism() -> gemm::Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => gemm::Parallelism::None,
+        n => gemm::Parallelism::Rayon(n),
+    }
+}
+
+/// `dst[m, n] (row stride dst_rs) = (accumulate ? dst : 0) + lhs[m, k] · rhs[k, n]`, where
+/// `rhs_t` says that `rhs` is stored transposed (`[n, k]`, as a linear layer's weight).
+pub(crate) fn matmul_f32(
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
+    lhs: &[f32],
+    (rhs, rhs_t): (&[f32], bool),
+    (m, n, k): (usize, usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst.len() >= (m - 1) * dst_rs + n && lhs.len() >= m * k && rhs.len() >= k * n);
+    let (rhs_cs, rhs_rs) = if rhs_t { (k, 1) } else { (1, n) };
+    // SAFETY: the assert keeps every index inside the three slices (dst row i spans
+    // i·dst_rs .. i·dst_rs + n; lhs is row-major m x k; rhs is k x n with the strides chosen).
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            dst_rs as isize,
+            accumulate,
+            lhs.as_ptr(),
+            1,
+            k as isize,
+            rhs.as_ptr(),
+            rhs_cs as isize,
+            rhs_rs as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        )
+    }
+}
+
+/// `dst[m, n] = lhsᵀ · rhs` for `lhs` stored `[k, m]` and `rhs` `[k, n]`, row-major.
+pub(crate) fn matmul_t_lhs(
+    dst: &mut [f32],
+    lhs: &[f32],
+    rhs: &[f32],
+    (m, n, k): (usize, usize, usize),
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= k * n);
+    // SAFETY: the assert keeps every index inside the slices: dst is row-major m x n, lhs
+    // element (i, p) is lhs[p·m + i], rhs element (p, j) is rhs[p·n + j].
+    unsafe {
+        gemm::gemm(
+            m,
+            n,
+            k,
+            dst.as_mut_ptr(),
+            1,
+            n as isize,
+            false,
+            lhs.as_ptr(),
+            m as isize,
+            1,
+            rhs.as_ptr(),
+            1,
+            n as isize,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(),
+        )
+    }
+}
+
+/// Keeps the memory of freed large tensors in the process for the next ones, instead of
+/// giving it back to the kernel and faulting it in again zero-filled: glibc hands allocations
+/// above its (adaptive, at most 32 MB) mmap threshold straight to `mmap`/`munmap` and trims the
+/// heap top above 128 KB, so every activation of a diffusion model's early layers costs page
+/// faults (measured: a fifth of a CPU training step's time in the kernel). Call once at start
+/// in a process that runs the engine on the CPU; elsewhere it does nothing.
+pub fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator parameters; called before the engine allocates.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TOP_PAD, 256 << 20);
+    }
+}
