@@ -112,7 +112,7 @@ fn matmul_last(x: &Tensor, w_t: &Tensor) -> Result<Tensor> {
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         // A frozen weight gets no kernel gradient: the backward computes the input's only.
-        let mut y = crate::train::ops::frozen_linear(x, &self.weight)?;
+        let mut y = crate::kernels::layers::frozen_linear(x, &self.weight)?;
         if let Some(b) = &self.bias {
             y = y.broadcast_add(b)?;
         }
@@ -181,7 +181,7 @@ impl Module for Conv2d {
         }
         // candle's conv backward always computes the kernel gradient (through a slow CPU
         // conv_transpose); for a frozen kernel only the input gradient is needed.
-        let y = crate::train::ops::conv2d(x, &self.weight, self.padding, self.stride)?;
+        let y = crate::kernels::layers::conv2d(x, &self.weight, self.padding, self.stride)?;
         match &self.bias {
             Some(b) => y.broadcast_add(&b.reshape((1, b.dims1()?, 1, 1))?),
             None => Ok(y),

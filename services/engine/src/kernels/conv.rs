@@ -7,7 +7,7 @@
 //! the kernel zero-fills on every call. Here the columns of a few output rows (about 4 MB) are
 //! built into one reused buffer, in parallel, and multiplied by gemm straight into the output
 //! (or, for the kernel gradient, accumulated into it). Nothing here records a gradient: the
-//! differentiable convolution (`train::ops::conv2d`) is built on these.
+//! differentiable convolution (`kernels::layers::conv2d`) is built on these.
 
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;

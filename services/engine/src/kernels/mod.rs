@@ -1,6 +1,6 @@
 //! Operations written as one custom op instead of a composition of candle ops, for speed or
 //! for memory: attention that never keeps its probability matrix, fused normalisations, the
-//! CPU convolution.
+//! CPU convolution, and the convolution and linear layers built on it.
 //!
 //! They share one trick: the forward result is computed before the op is recorded (with
 //! candle ops on detached tensors, or a CPU kernel), and the op's forward only hands that
@@ -8,6 +8,7 @@
 
 pub mod attention;
 pub mod conv;
+pub mod layers;
 pub mod norm;
 
 use candle_core::backend::BackendStorage;

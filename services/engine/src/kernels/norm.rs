@@ -291,7 +291,7 @@ pub fn layer_norm(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor
 mod tests {
     use super::*;
     use crate::nn::{silu, GroupNorm, LayerNorm};
-    use candle_core::{Device, Module, Var};
+    use candle_core::{Device, Var};
 
     fn rel(a: &Tensor, b: &Tensor) -> f32 {
         let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();

@@ -23,7 +23,6 @@ pub mod host;
 pub mod io;
 pub mod loss;
 pub mod method;
-pub mod ops;
 pub mod optim;
 pub mod registry;
 pub mod rng;

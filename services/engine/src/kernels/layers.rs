@@ -11,8 +11,8 @@
 
 use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
 
-use crate::kernels::conv as cpu_conv;
-use crate::kernels::{f32_slice, matmul_f32, storage_of_cpu, storage_of_cuda, with_f32, Output};
+use super::conv as cpu_conv;
+use super::{f32_slice, matmul_f32, storage_of_cpu, storage_of_cuda, with_f32, Output};
 
 /// `x.conv2d(w, padding, stride, 1, 1)` of detached tensors, through im2col on the CPU.
 fn conv2d_detached(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
