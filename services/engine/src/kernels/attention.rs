@@ -61,17 +61,17 @@ fn forward_chunked(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<(Te
         lses.push((max + sum.log()?)?);
         start += len;
     }
-    let o = if outs.len() == 1 {
-        outs.pop().expect("one chunk")
-    } else {
-        Tensor::cat(&outs, 2)?
-    };
-    let lse = if lses.len() == 1 {
-        lses.pop().expect("one chunk")
-    } else {
-        Tensor::cat(&lses, 2)?
-    };
+    let o = join_chunks(outs)?.expect("at least one query row");
+    let lse = join_chunks(lses)?.expect("at least one query row");
     Ok((o.contiguous()?, lse))
+}
+
+/// The chunks along the query dimension as one tensor (`None` for no chunk).
+fn join_chunks(mut chunks: Vec<Tensor>) -> Result<Option<Tensor>> {
+    match chunks.len() {
+        0 | 1 => Ok(chunks.pop()),
+        _ => Tensor::cat(&chunks, 2).map(Some),
+    }
 }
 
 struct Attention {
@@ -163,12 +163,7 @@ impl CustomOp3 for Attention {
             }
             start += len;
         }
-        let dq = match dq.len() {
-            0 => None,
-            1 => dq.pop(),
-            _ => Some(Tensor::cat(&dq, 2)?),
-        };
-        Ok((dq, dk, dv))
+        Ok((join_chunks(dq)?, dk, dv))
     }
 }
 
@@ -183,11 +178,7 @@ mod tests {
         crate::nn::softmax_last_differentiable(&s)?.matmul(v)
     }
 
-    fn rel(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        let s = b.abs().unwrap().max_all().unwrap();
-        d.to_scalar::<f32>().unwrap() / s.to_scalar::<f32>().unwrap().max(1e-12)
-    }
+    use crate::kernels::rel_err as rel;
 
     fn check(shape_q: (usize, usize, usize, usize), m: usize) -> Result<()> {
         let dev = Device::Cpu;

@@ -12,7 +12,7 @@
 use candle_core::{DType, Result, Tensor};
 use rayon::prelude::*;
 
-use super::{matmul_f32, matmul_t_lhs, with_f32};
+use super::{cpu_f32, matmul_f32, with_f32};
 
 /// Column-buffer floats per tile (4 MB).
 const TILE_FLOATS: usize = 1 << 20;
@@ -56,6 +56,20 @@ impl Geometry {
     fn tile_rows(&self) -> usize {
         (TILE_FLOATS / (self.rows() * self.wo).max(1)).clamp(1, self.ho)
     }
+
+    /// The tiles of output rows: `(first row, rows)`.
+    fn tiles(&self) -> impl Iterator<Item = (usize, usize)> {
+        let (tile, ho) = (self.tile_rows(), self.ho);
+        (0..ho).step_by(tile).map(move |r0| (r0, tile.min(ho - r0)))
+    }
+}
+
+/// The rows `at..at + n` of every channel of one image's output gradient `grad` (`[O, Ho·Wo]`)
+/// side by side in `dst` (`[O, n]`).
+fn gather_tile(grad: &[f32], hw: usize, at: usize, n: usize, dst: &mut [f32]) {
+    for (oi, d) in dst.chunks_mut(n).enumerate() {
+        d.copy_from_slice(&grad[oi * hw + at..oi * hw + at + n]);
+    }
 }
 
 /// Columns `[C·k², rows·Wo]` of output rows `r0..r0 + rows` of one image `src` (`[C, H, W]`).
@@ -94,7 +108,7 @@ fn im2col_rows(src: &[f32], g: Geometry, r0: usize, rows: usize, cols: &mut [f32
 
 /// Whether these kernels serve a convolution of `x` by `w`.
 pub fn applies(x: &Tensor, w: &Tensor) -> bool {
-    x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32
+    cpu_f32(&[x, w])
 }
 
 /// `x.conv2d(w, padding, stride, 1, 1)` (square kernel, no bias) of `x` `[B, C, H, W]` by `w`
@@ -125,23 +139,22 @@ pub fn conv2d_f32(
     let g = Geometry::new(c, h, wd, k, stride, padding)?;
     let hw = g.ho * g.wo;
     let mut out = vec![0f32; b * o * hw];
-    let tile = g.tile_rows();
-    let mut cols = vec![0f32; g.rows() * tile * g.wo];
+    let mut cols = vec![0f32; g.rows() * g.tile_rows() * g.wo];
     for bi in 0..b {
         let src = &xs[bi * c * h * wd..(bi + 1) * c * h * wd];
         let dst = &mut out[bi * o * hw..(bi + 1) * o * hw];
-        for r0 in (0..g.ho).step_by(tile) {
-            let rows = tile.min(g.ho - r0);
+        for (r0, rows) in g.tiles() {
             let n = rows * g.wo;
             let cols = &mut cols[..g.rows() * n];
             im2col_rows(src, g, r0, rows, cols);
+            let shape = (o, n, g.rows());
             matmul_f32(
                 &mut dst[r0 * g.wo..],
                 hw,
                 false,
-                ws,
+                (ws, false),
                 (cols, false),
-                (o, n, g.rows()),
+                shape,
             );
         }
     }
@@ -204,23 +217,18 @@ pub fn conv2d_input_grad(
         with_f32(w, |ws| {
             let hw = ho * wo;
             let mut dx = vec![0f32; b * c * h * wd];
-            let tile = g.tile_rows();
-            let mut cols = vec![0f32; g.rows() * tile * wo];
-            let mut dyt = vec![0f32; o * tile * wo];
+            let mut cols = vec![0f32; g.rows() * g.tile_rows() * wo];
+            let mut dyt = vec![0f32; o * g.tile_rows() * wo];
             for bi in 0..b {
                 let grad = &dys[bi * o * hw..(bi + 1) * o * hw];
                 let dst = &mut dx[bi * c * h * wd..(bi + 1) * c * h * wd];
-                for r0 in (0..ho).step_by(tile) {
-                    let rows = tile.min(ho - r0);
+                for (r0, rows) in g.tiles() {
                     let n = rows * wo;
                     let dyt = &mut dyt[..o * n];
-                    for (oi, d) in dyt.chunks_mut(n).enumerate() {
-                        let at = oi * hw + r0 * wo;
-                        d.copy_from_slice(&grad[at..at + n]);
-                    }
+                    gather_tile(grad, hw, r0 * wo, n, dyt);
                     let cols = &mut cols[..g.rows() * n];
                     // cols[C·k², n] = wᵀ[C·k², O] · dyt[O, n]
-                    matmul_t_lhs(cols, ws, dyt, (g.rows(), n, o));
+                    matmul_f32(cols, n, false, (ws, true), (dyt, false), (g.rows(), n, o));
                     col2im_rows(dst, g, r0, rows, cols);
                 }
             }
@@ -247,28 +255,22 @@ pub fn conv2d_weight_grad(
         with_f32(&dy, |dys| {
             let hw = g.ho * g.wo;
             let mut dw = vec![0f32; o * g.rows()];
-            let tile = g.tile_rows();
-            let mut cols = vec![0f32; g.rows() * tile * g.wo];
-            // dy rows of one tile, contiguous: [O, n]
-            let mut dyt = vec![0f32; o * tile * g.wo];
+            let mut cols = vec![0f32; g.rows() * g.tile_rows() * g.wo];
+            let mut dyt = vec![0f32; o * g.tile_rows() * g.wo];
             let mut first = true;
             for bi in 0..b {
                 let src = &xs[bi * c * h * wd..(bi + 1) * c * h * wd];
                 let grad = &dys[bi * o * hw..(bi + 1) * o * hw];
-                for r0 in (0..g.ho).step_by(tile) {
-                    let rows = tile.min(g.ho - r0);
+                for (r0, rows) in g.tiles() {
                     let n = rows * g.wo;
                     let cols = &mut cols[..g.rows() * n];
                     im2col_rows(src, g, r0, rows, cols);
                     let dyt = &mut dyt[..o * n];
-                    for (oi, d) in dyt.chunks_mut(n).enumerate() {
-                        let at = oi * hw + r0 * g.wo;
-                        d.copy_from_slice(&grad[at..at + n]);
-                    }
+                    gather_tile(grad, hw, r0 * g.wo, n, dyt);
                     // dw[O, C·k²] += dyt[O, n] · colsᵀ (cols is [C·k², n]: the product's rhs
                     // stored transposed)
                     let shape = (o, g.rows(), n);
-                    matmul_f32(&mut dw, g.rows(), !first, dyt, (cols, true), shape);
+                    matmul_f32(&mut dw, g.rows(), !first, (dyt, false), (cols, true), shape);
                     first = false;
                 }
             }
@@ -283,11 +285,7 @@ mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    fn max_rel(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        let s = b.abs().unwrap().max_all().unwrap();
-        d.to_scalar::<f32>().unwrap() / s.to_scalar::<f32>().unwrap().max(1e-12)
-    }
+    use crate::kernels::rel_err as max_rel;
 
     const CASES: [(usize, usize, usize, usize, usize, usize, usize); 6] = [
         // (c, o, h, w, k, stride, pad)

@@ -9,10 +9,10 @@
 //! convolution's as a convolution with the flipped kernel; a trained kernel's gradient, on the
 //! CPU, as one matrix product with the input's columns.
 
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 use super::conv as cpu_conv;
-use super::{f32_slice, matmul_f32, storage_of_cpu, storage_of_cuda, with_f32, Output};
+use super::{cpu_f32, f32_slice, matmul_f32, storage_of_cpu, storage_of_cuda, with_f32, Output};
 
 /// `x.conv2d(w, padding, stride, 1, 1)` of detached tensors, through im2col on the CPU.
 fn conv2d_detached(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
@@ -184,7 +184,7 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
         stride,
         in_hw: (h, wd),
     };
-    let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32;
+    let cpu_f32 = cpu_f32(&[x, w]);
     if kh != kw || 2 * padding > kh - 1 || !(x.track_op() || w.track_op()) {
         return x.conv2d(w, padding, stride, 1, 1);
     }
@@ -232,7 +232,14 @@ impl CustomOp1 for FrozenLinear {
         let lead = xs.len() / in_f;
         let mut y = vec![0f32; lead * out_f];
         with_f32(&self.w, |ws| {
-            matmul_f32(&mut y, out_f, false, xs, (ws, true), (lead, out_f, in_f));
+            matmul_f32(
+                &mut y,
+                out_f,
+                false,
+                (xs, false),
+                (ws, true),
+                (lead, out_f, in_f),
+            );
             Ok(())
         })?;
         let mut dims = l.dims().to_vec();
@@ -269,8 +276,7 @@ pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     if w.track_op() || !x.track_op() {
         return x.reshape((lead, in_f))?.matmul(&w.t()?)?.reshape(out_shape);
     }
-    let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32 && w.dtype() == DType::F32;
-    let y = if cpu_f32 {
+    let y = if cpu_f32(&[x, w]) {
         Output::none()
     } else {
         Output::new(

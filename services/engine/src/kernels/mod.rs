@@ -88,13 +88,14 @@ fn parallelism() -> gemm::Parallelism {
     }
 }
 
-/// `dst[m, n] (row stride dst_rs) = (accumulate ? dst : 0) + lhs[m, k] · rhs[k, n]`, where
-/// `rhs_t` says that `rhs` is stored transposed (`[n, k]`, as a linear layer's weight).
+/// `dst[m, n] (row stride dst_rs) = (accumulate ? dst : 0) + lhs[m, k] · rhs[k, n]`, each
+/// operand row-major or, where its flag says so, stored transposed (`lhs` as `[k, m]`, `rhs` as
+/// `[n, k]`, the layout of a linear layer's weight).
 pub(crate) fn matmul_f32(
     dst: &mut [f32],
     dst_rs: usize,
     accumulate: bool,
-    lhs: &[f32],
+    (lhs, lhs_t): (&[f32], bool),
     (rhs, rhs_t): (&[f32], bool),
     (m, n, k): (usize, usize, usize),
 ) {
@@ -102,9 +103,10 @@ pub(crate) fn matmul_f32(
         return;
     }
     assert!(dst.len() >= (m - 1) * dst_rs + n && lhs.len() >= m * k && rhs.len() >= k * n);
+    let (lhs_cs, lhs_rs) = if lhs_t { (m, 1) } else { (1, k) };
     let (rhs_cs, rhs_rs) = if rhs_t { (k, 1) } else { (1, n) };
     // SAFETY: the assert keeps every index inside the three slices (dst row i spans
-    // i·dst_rs .. i·dst_rs + n; lhs is row-major m x k; rhs is k x n with the strides chosen).
+    // i·dst_rs .. i·dst_rs + n; lhs is m x k and rhs k x n with the strides chosen).
     unsafe {
         gemm::gemm(
             m,
@@ -115,8 +117,8 @@ pub(crate) fn matmul_f32(
             dst_rs as isize,
             accumulate,
             lhs.as_ptr(),
-            1,
-            k as isize,
+            lhs_cs as isize,
+            lhs_rs as isize,
             rhs.as_ptr(),
             rhs_cs as isize,
             rhs_rs as isize,
@@ -130,42 +132,10 @@ pub(crate) fn matmul_f32(
     }
 }
 
-/// `dst[m, n] = lhsᵀ · rhs` for `lhs` stored `[k, m]` and `rhs` `[k, n]`, row-major.
-pub(crate) fn matmul_t_lhs(
-    dst: &mut [f32],
-    lhs: &[f32],
-    rhs: &[f32],
-    (m, n, k): (usize, usize, usize),
-) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    assert!(dst.len() >= m * n && lhs.len() >= m * k && rhs.len() >= k * n);
-    // SAFETY: the assert keeps every index inside the slices: dst is row-major m x n, lhs
-    // element (i, p) is lhs[p·m + i], rhs element (p, j) is rhs[p·n + j].
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            false,
-            lhs.as_ptr(),
-            m as isize,
-            1,
-            rhs.as_ptr(),
-            1,
-            n as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
-            parallelism(),
-        )
-    }
+/// Whether the CPU kernels serve these tensors: all on the CPU, all f32.
+pub(crate) fn cpu_f32(ts: &[&Tensor]) -> bool {
+    ts.iter()
+        .all(|t| t.device().is_cpu() && t.dtype() == candle_core::DType::F32)
 }
 
 /// Keeps the memory of freed large tensors in the process for the next ones, instead of
@@ -182,4 +152,12 @@ pub fn keep_freed_memory() {
         libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
         libc::mallopt(libc::M_TOP_PAD, 256 << 20);
     }
+}
+
+/// `max |a - b| / max |b|`, for the kernels' parity tests.
+#[cfg(test)]
+pub(crate) fn rel_err(a: &Tensor, b: &Tensor) -> f32 {
+    let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+    let s = b.abs().unwrap().max_all().unwrap();
+    d.to_scalar::<f32>().unwrap() / s.to_scalar::<f32>().unwrap().max(1e-12)
 }

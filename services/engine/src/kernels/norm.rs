@@ -10,8 +10,10 @@
 //! norm's one row (`spatial` = 1). f32 on the CPU; other devices and dtypes use the composed
 //! ops (see `nn`).
 
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
+use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
+
+use super::{f32_slice, with_f32};
 
 /// How the normalised tensor is viewed.
 #[derive(Clone, Copy, Debug)]
@@ -32,14 +34,6 @@ impl Segments {
     /// The first affine channel of segment `i`.
     fn first_channel(&self, i: usize) -> usize {
         (i % self.groups) * self.channels
-    }
-}
-
-/// The values of a contiguous f32 CPU tensor, borrowed from its storage.
-fn tensor_slice<'a>(s: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
-    match s {
-        Storage::Cpu(c) => slice(c, l),
-        _ => candle_core::bail!("fused norm: expected a CPU tensor"),
     }
 }
 
@@ -166,14 +160,6 @@ struct Norm {
     stats: std::sync::Mutex<Vec<(f32, f32)>>,
 }
 
-/// The f32 values of a contiguous CPU storage.
-fn slice<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    match (s, l.contiguous_offsets()) {
-        (CpuStorage::F32(v), Some((a, b))) => Ok(&v[a..b]),
-        _ => candle_core::bail!("fused norm: expected contiguous f32"),
-    }
-}
-
 impl CustomOp3 for Norm {
     fn name(&self) -> &'static str {
         "fused-norm"
@@ -188,12 +174,12 @@ impl CustomOp3 for Norm {
         b: &CpuStorage,
         bl: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let xs = slice(x, xl)?;
+        let xs = f32_slice(x, xl)?;
         let stats = statistics(xs, self.seg, self.eps);
         let y = forward(
             xs,
-            slice(w, wl)?,
-            slice(b, bl)?,
+            f32_slice(w, wl)?,
+            f32_slice(b, bl)?,
             self.seg,
             &stats,
             self.silu,
@@ -210,14 +196,17 @@ impl CustomOp3 for Norm {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.to_dtype(DType::F32)?.contiguous()?;
-        let (x, w, b) = (x.contiguous()?, w.contiguous()?, b.contiguous()?);
-        let (dx, dw, db) = {
-            let guards = [&x, &w, &b, &grad].map(|t| t.storage_and_layout());
-            let [xs, ws, bs, dys] = [0, 1, 2, 3].map(|i| tensor_slice(&guards[i].0, guards[i].1));
-            let stats = self.stats.lock().expect("norm statistics");
-            backward(xs?, ws?, bs?, dys?, self.seg, &stats, self.silu)
-        };
+        let grad = grad.to_dtype(DType::F32)?;
+        let stats = self.stats.lock().expect("norm statistics");
+        let (dx, dw, db) = with_f32(&x, |xs| {
+            with_f32(&w, |ws| {
+                with_f32(&b, |bs| {
+                    with_f32(&grad, |dys| {
+                        Ok(backward(xs, ws, bs, dys, self.seg, &stats, self.silu))
+                    })
+                })
+            })
+        })?;
         let dx = Tensor::from_vec(dx, x.shape(), x.device())?;
         // Only what is in a graph gets a gradient (SVDiff trains a norm's weight, not its
         // bias; LoRA neither).
@@ -235,7 +224,7 @@ impl CustomOp3 for Norm {
 
 /// Whether the fused kernels serve these tensors.
 pub fn supported(x: &Tensor, w: &Tensor, b: &Tensor) -> bool {
-    x.device().is_cpu() && [x, w, b].iter().all(|t| t.dtype() == DType::F32)
+    super::cpu_f32(&[x, w, b])
 }
 
 fn normalize(
@@ -293,11 +282,7 @@ mod tests {
     use crate::nn::{silu, GroupNorm, LayerNorm};
     use candle_core::{Device, Var};
 
-    fn rel(a: &Tensor, b: &Tensor) -> f32 {
-        let d = (a - b).unwrap().abs().unwrap().max_all().unwrap();
-        let s = b.abs().unwrap().max_all().unwrap();
-        d.to_scalar::<f32>().unwrap() / s.to_scalar::<f32>().unwrap().max(1e-12)
-    }
+    use crate::kernels::rel_err as rel;
 
     fn vars(shape: &[usize], c: usize) -> Result<(Var, Var, Var)> {
         let dev = Device::Cpu;
