@@ -106,7 +106,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         caption: "a photo of sks dog".into(),
         mask: None,
     }];
-    let instance = LatentSet::encode(&photos, &m.vae, resolution, false, &device)?;
+    let instance = LatentSet::prepare(&photos, &m.vae, resolution, false, &device)?;
     let inputs = TrainInputs {
         unet: &mut m.unet,
         text_encoder: &mut m.text_encoder,

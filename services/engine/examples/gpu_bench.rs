@@ -339,7 +339,7 @@ fn main() -> Result<(), BoxErr> {
                 caption: "a photo of sks dog".into(),
                 mask: None,
             }];
-            let instance = LatentSet::encode(&photos, &m.vae, resolution as u32, false, &device)?;
+            let instance = LatentSet::prepare(&photos, &m.vae, resolution as u32, false, &device)?;
             let inputs = TrainInputs {
                 unet: &mut m.unet,
                 text_encoder: &mut m.text_encoder,

@@ -67,7 +67,7 @@ fn one_step(base: &TrainModels, train: serde_json::Value, checkpointing: bool) -
             mask: None,
         })
         .collect();
-    let instance = LatentSet::encode(&photos, &m.vae, RES, false, &m.device).unwrap();
+    let instance = LatentSet::prepare(&photos, &m.vae, RES, false, &m.device).unwrap();
     let inputs = TrainInputs {
         unet: &mut m.unet,
         text_encoder: &mut m.text_encoder,

@@ -124,8 +124,9 @@ fn the_loss_ignores_everything_outside_the_mask() {
                 5,
             )
             .unwrap();
-        let instance = LatentSet::encode(&[masked_photo()], &m.vae, RES, false, &m.device).unwrap();
-        let latent_shape = instance.examples[0].latents.mean.dims().to_vec();
+        let instance =
+            LatentSet::prepare(&[masked_photo()], &m.vae, RES, false, &m.device).unwrap();
+        let latent_shape = instance.dist(0, false).unwrap().mean.dims().to_vec();
         let offset = Var::zeros(latent_shape.as_slice(), DType::F32, &Device::Cpu).unwrap();
         let mut unet = Offset {
             inner: &mut m.unet,

@@ -117,7 +117,7 @@ fn steps_match(mode: &str, weights: CrossAttentionWeights) -> Vec<(String, f32)>
     assert_eq!(m.text_encoder.tokenize(CAPTION).unwrap(), ids[0]);
     assert_eq!(m.text_encoder.tokenize(CLASS_CAPTION).unwrap(), ids[1]);
 
-    let instance = LatentSet::encode(&photos(1), &m.vae, 32, false, &m.device).unwrap();
+    let instance = LatentSet::prepare(&photos(1), &m.vae, 32, false, &m.device).unwrap();
     let inputs = TrainInputs {
         unet: &mut m.unet,
         text_encoder: &mut m.text_encoder,
@@ -300,7 +300,7 @@ fn gradients_reach_exactly_the_trained_weights() {
         "detaching the start token changes nothing ({diff})"
     );
 
-    let instance = LatentSet::encode(&photos(2), &m.vae, 32, false, &m.device).unwrap();
+    let instance = LatentSet::prepare(&photos(2), &m.vae, 32, false, &m.device).unwrap();
     let inputs = TrainInputs {
         unet: &mut m.unet,
         text_encoder: &mut m.text_encoder,
@@ -441,7 +441,7 @@ struct Augmented {
 fn augmented() -> Augmented {
     let base = TrainModels::from_pipeline(&pipeline()).unwrap();
     let (m, method) = attached(&base, config(CrossAttentionWeights::KeyValue, true));
-    let instance = LatentSet::encode(&photos(2), &m.vae, 32, false, &m.device).unwrap();
+    let instance = LatentSet::prepare(&photos(2), &m.vae, 32, false, &m.device).unwrap();
     let photos = AugmentPhotos::prepare(&photos(2), 32, false).unwrap();
     Augmented {
         m,

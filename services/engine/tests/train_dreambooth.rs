@@ -151,7 +151,7 @@ fn training_step_matches_train_dreambooth() {
 
     let base = tiny_sd_models();
     let (mut m, method) = attached(&base, true);
-    let instance = LatentSet::encode(&photos(1), &m.vae, 16, false, &m.device).unwrap();
+    let instance = LatentSet::prepare(&photos(1), &m.vae, 16, false, &m.device).unwrap();
     let inputs = TrainInputs {
         unet: &mut m.unet,
         text_encoder: &mut m.text_encoder,
@@ -266,8 +266,8 @@ fn training_step_matches_train_dreambooth() {
 
 /// The batch of micro-step 0 through a fresh trainer, and its gradients.
 fn gradients_of(m: &mut TrainModels, method: &DreamboothMethod) -> HashMap<String, Tensor> {
-    let instance = LatentSet::encode(&photos(2), &m.vae, 16, false, &m.device).unwrap();
-    let class = LatentSet::encode(
+    let instance = LatentSet::prepare(&photos(2), &m.vae, 16, false, &m.device).unwrap();
+    let class = LatentSet::prepare(
         &[CaptionedPhoto {
             source: PhotoSource::Image(photo(5)),
             caption: "a photo of dog".into(),
@@ -368,7 +368,7 @@ fn a_half_precision_model_trains_f32_variables() {
         .trainable()
         .iter()
         .all(|(_, v)| v.dtype() == DType::F32));
-    let instance = LatentSet::encode(&photos(1), &m.vae, 16, false, &m.device).unwrap();
+    let instance = LatentSet::prepare(&photos(1), &m.vae, 16, false, &m.device).unwrap();
     let inputs = TrainInputs {
         unet: &mut m.unet,
         text_encoder: &mut m.text_encoder,

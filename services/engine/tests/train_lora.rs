@@ -144,7 +144,7 @@ fn lora_gradient_coverage_unet_and_text_encoder() {
         .iter()
         .any(|m| m.ends_with("proj_in") || m.contains(".ff.")));
 
-    let instance = LatentSet::encode(&photos(2), &m.vae, RES, false, &m.device).unwrap();
+    let instance = LatentSet::prepare(&photos(2), &m.vae, RES, false, &m.device).unwrap();
     // Frozen weights are plain tensors, not variables: backpropagation never accumulates into
     // them and the optimizer never sees them. (candle's backward may still compute a
     // by-product gradient for a constant operand of an op, e.g. a conv kernel; it is discarded.)
@@ -245,7 +245,7 @@ fn lora_unet_only_leaves_text_encoder_frozen() {
     let (mut m, method) = attached(&base, LoraConfig::with_rank(2));
     assert!(method.modules().iter().all(|m| m.starts_with("unet.")));
     assert!(!method.trains_text_encoder());
-    let instance = LatentSet::encode(&photos(1), &m.vae, RES, false, &m.device).unwrap();
+    let instance = LatentSet::prepare(&photos(1), &m.vae, RES, false, &m.device).unwrap();
     let text_weights = m.text_encoder.named_weights();
     let inputs = TrainInputs {
         unet: &mut m.unet,
@@ -266,7 +266,7 @@ fn lora_unet_only_leaves_text_encoder_frozen() {
 fn lora_training_lowers_loss_on_real_training_photos() {
     let base = models();
     let (mut m, method) = attached(&base, LoraConfig::with_rank(4));
-    let instance = LatentSet::encode(&dog6_photos(), &m.vae, RES, true, &m.device).unwrap();
+    let instance = LatentSet::prepare(&dog6_photos(), &m.vae, RES, true, &m.device).unwrap();
     let before = eval_loss(&m.unet, &m.text_encoder, &m.schedule, &instance, 99, 8).unwrap();
     let inputs = TrainInputs {
         unet: &mut m.unet,
@@ -330,7 +330,7 @@ fn resumed_run_matches_uninterrupted_run() {
 
     // Uninterrupted: 6 steps.
     let (mut m, method) = attached(&base, LoraConfig::with_rank(2));
-    let instance = LatentSet::encode(&photos, &m.vae, RES, true, &m.device).unwrap();
+    let instance = LatentSet::prepare(&photos, &m.vae, RES, true, &m.device).unwrap();
     let mut straight_losses = Vec::new();
     {
         let inputs = TrainInputs {
@@ -420,7 +420,7 @@ fn resumed_run_matches_uninterrupted_run() {
 fn cancel_flag_stops_the_run() {
     let base = models();
     let (mut m, method) = attached(&base, LoraConfig::with_rank(2));
-    let instance = LatentSet::encode(&photos(1), &m.vae, RES, false, &m.device).unwrap();
+    let instance = LatentSet::prepare(&photos(1), &m.vae, RES, false, &m.device).unwrap();
     let inputs = TrainInputs {
         unet: &mut m.unet,
         text_encoder: &mut m.text_encoder,
@@ -626,7 +626,7 @@ fn prior_preservation_with_class_images_from_the_base_model() {
 fn batches_accumulation_and_prior_share_one_forward() {
     let base = TrainModels::tiny(5).unwrap();
     let (mut m, method) = attached(&base, LoraConfig::with_rank(2));
-    let instance = LatentSet::encode(&photos(3), &m.vae, RES, true, &m.device).unwrap();
+    let instance = LatentSet::prepare(&photos(3), &m.vae, RES, true, &m.device).unwrap();
     let class_photos: Vec<CaptionedPhoto> = (10..12)
         .map(|i| CaptionedPhoto {
             source: PhotoSource::Image(photo(i)),
@@ -634,7 +634,7 @@ fn batches_accumulation_and_prior_share_one_forward() {
             mask: None,
         })
         .collect();
-    let class = LatentSet::encode(&class_photos, &m.vae, RES, false, &m.device).unwrap();
+    let class = LatentSet::prepare(&class_photos, &m.vae, RES, false, &m.device).unwrap();
     let inputs = TrainInputs {
         unet: &mut m.unet,
         text_encoder: &mut m.text_encoder,

@@ -266,7 +266,7 @@ fn step_matches_reference(case: &str, train_text_encoder: bool, rel_g: f32) {
         ..SvdiffConfig::default()
     };
     let (mut m, method) = attached(&base, cfg);
-    let set = LatentSet::encode(&[photo(0)], &m.vae, 32, false, &m.device).unwrap();
+    let set = LatentSet::prepare(&[photo(0)], &m.vae, 32, false, &m.device).unwrap();
     let mut tr = trainer(&mut m, &method, &set);
 
     let ml = tr.loss_on(&reference_batch(&r)).unwrap();
@@ -420,7 +420,7 @@ fn every_open_spectral_shift_gets_a_gradient_and_the_base_stays_frozen() {
         closed.insert(name.clone(), shut);
     }
 
-    let set = LatentSet::encode(&[photo(0), photo(1)], &m.vae, 32, false, &m.device).unwrap();
+    let set = LatentSet::prepare(&[photo(0), photo(1)], &m.vae, 32, false, &m.device).unwrap();
     let mut tr = trainer(&mut m, &method, &set);
     let loss = tr.micro_loss(0).unwrap().loss;
     let store = loss.backward().unwrap();
@@ -489,7 +489,8 @@ fn resumed_run_matches_uninterrupted_run() {
         learning_rate: 1e-2,
         learning_rate_1d: 1e-5,
     };
-    let set = LatentSet::encode(&[photo(0), photo(1)], &base.vae, 32, false, &base.device).unwrap();
+    let set =
+        LatentSet::prepare(&[photo(0), photo(1)], &base.vae, 32, false, &base.device).unwrap();
     let dir = tmp("resume");
     let run = |steps: u64, checkpoints: &Path, resume: Resume| {
         let (mut m, method) = attached(&base, cfg.clone());

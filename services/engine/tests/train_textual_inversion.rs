@@ -95,7 +95,7 @@ fn two_training_steps_match_diffusers() {
     );
     assert_rel("initial rows", &method.learned().unwrap(), &r["rows_init"]);
 
-    let instance = LatentSet::encode(&photos()[..1], &m.vae, 32, false, &m.device).unwrap();
+    let instance = LatentSet::prepare(&photos()[..1], &m.vae, 32, false, &m.device).unwrap();
     let inputs = TrainInputs {
         unet: &mut m.unet,
         text_encoder: &mut m.text_encoder,
@@ -149,7 +149,7 @@ fn only_the_new_rows_train() {
     // the base model's tokenizer does not know the token
     assert!(base.text_encoder.token_ids("<sks>").unwrap().len() > 1);
 
-    let instance = LatentSet::encode(&photos(), &m.vae, 32, false, &m.device).unwrap();
+    let instance = LatentSet::prepare(&photos(), &m.vae, 32, false, &m.device).unwrap();
     let inputs = TrainInputs {
         unet: &mut m.unet,
         text_encoder: &mut m.text_encoder,

@@ -89,7 +89,7 @@ fn crop_mask(mask: &GrayImage, (w, h): (u32, u32), resolution: u32) -> GrayImage
 }
 
 impl AugmentPhotos {
-    /// Loads `photos` and preprocesses them as [`super::data::LatentSet::encode`] does (resize,
+    /// Loads `photos` and preprocesses them as [`super::data::LatentSet::prepare`] does (resize,
     /// centre crop, both orientations with `flip`).
     pub fn prepare(
         photos: &[CaptionedPhoto],

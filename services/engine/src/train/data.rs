@@ -1,12 +1,12 @@
-//! Training data: photos preprocessed once into `[-1, 1]` tensors and their VAE latent
-//! distributions cached once.
+//! Training data: photos preprocessed once and their VAE latent distributions encoded once, on
+//! first use.
 //!
 //! Preprocessing follows diffusers' DreamBooth dataset: resize so the shorter side equals the
 //! resolution (bilinear with antialiasing), centre crop, scale to `[-1, 1]`. With `flip`, both
-//! orientations are cached and each training step picks one at random (probability 1/2, drawn
+//! orientations can be drawn and each training step picks one at random (probability 1/2, drawn
 //! from the step's generator), like `RandomHorizontalFlip`.
 //!
-//! Latents: the mean and standard deviation of the VAE's latent distribution are cached; each
+//! Latents: the mean and standard deviation of the VAE's latent distribution are kept; each
 //! step draws `mean + std * eps` with the step's generator and multiplies by the scaling factor,
 //! which is what `train_dreambooth_lora.py` computes (`latent_dist.sample()` every step) without
 //! re-running the encoder.
@@ -16,6 +16,7 @@
 //! OneTrainer do), giving a `[1, 1, h, w]` weight in [0, 1] that follows the photo's flip.
 
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
 
 use candle_core::{Device, Tensor};
 use image::imageops::FilterType;
@@ -153,7 +154,7 @@ pub fn preprocess(
     image_to_tensor(&img, device)
 }
 
-/// Cached latent distribution of one orientation of a photo.
+/// Latent distribution of one orientation of a photo.
 #[derive(Debug, Clone)]
 pub struct LatentDist {
     /// `[1, C, h, w]`, before the scaling factor.
@@ -161,29 +162,37 @@ pub struct LatentDist {
     pub std: Tensor,
 }
 
-/// One training example: caption, cached latents and, with a subject mask, its latent-sized
-/// weights (for each orientation).
-#[derive(Debug, Clone)]
+/// One training example: caption, the photo resized and cropped, its latent distributions once
+/// encoded and, with a subject mask, its latent-sized weights (for each orientation).
 pub struct Example {
     pub caption: String,
-    pub latents: LatentDist,
-    pub flipped: Option<LatentDist>,
-    pub mask: Option<Tensor>,
-    pub flipped_mask: Option<Tensor>,
+    pixels: RgbImage,
+    /// Unflipped, then flipped.
+    latents: [OnceLock<LatentDist>; 2],
+    mask: Option<Tensor>,
+    flipped_mask: Option<Tensor>,
 }
 
-/// Cached examples plus the scaling factor of the VAE that produced them.
-#[derive(Debug, Clone)]
+/// The examples of a run plus the VAE that encodes them.
+///
+/// Photos are opened, resized and cropped up front (a broken photo fails the run before any
+/// step), but each orientation is encoded only when a step first draws it, then kept: a short
+/// run over many photos encodes only what it trains on, and no run encodes anything twice.
+/// Encoding is deterministic, so when it happens does not change any result.
 pub struct LatentSet {
-    pub examples: Vec<Example>,
-    pub scaling_factor: f64,
+    examples: Vec<Example>,
+    vae: Arc<dyn LatentEncoder + Send + Sync>,
+    flip: bool,
+    device: Device,
+    scaling_factor: f64,
 }
 
 impl LatentSet {
-    /// Preprocesses `photos` and encodes them with the VAE once (both orientations with `flip`).
-    pub fn encode(
+    /// Preprocesses `photos` (and their masks) for training at `resolution` on `device`; with
+    /// `flip`, each draw picks one orientation at random.
+    pub fn prepare<E: LatentEncoder + Clone + Send + Sync + 'static>(
         photos: &[CaptionedPhoto],
-        vae: &dyn LatentEncoder,
+        vae: &E,
         resolution: u32,
         flip: bool,
         device: &Device,
@@ -193,44 +202,29 @@ impl LatentSet {
                 "resolution {resolution} must be a positive multiple of 8"
             )));
         }
+        let factor = vae.downsampling_factor().unwrap_or(8);
         let mut examples = Vec::with_capacity(photos.len());
         for p in photos {
-            let size = match (&p.mask, &p.source) {
-                (None, _) => (0, 0),
-                (Some(_), PhotoSource::Image(img)) => img.dimensions(),
-                (Some(_), source) => open(source)?.dimensions(),
-            };
+            let img = open(&p.source)?;
             let mask_for = |flip: bool| -> Result<Option<Tensor>, TrainError> {
-                match &p.mask {
-                    Some(m) => {
-                        let factor = vae.downsampling_factor().unwrap_or(8);
-                        Ok(Some(mask_to_latent(
-                            m, size, resolution, factor, flip, device,
-                        )?))
-                    }
-                    None => Ok(None),
-                }
+                p.mask
+                    .as_ref()
+                    .map(|m| mask_to_latent(m, img.dimensions(), resolution, factor, flip, device))
+                    .transpose()
             };
-            let enc = |flip: bool| -> Result<LatentDist, TrainError> {
-                let px = preprocess(&p.source, resolution, flip, device)?;
-                let (mean, std) = vae.encode_dist(&px)?;
-                Ok(LatentDist {
-                    mean: mean.to_dtype(candle_core::DType::F32)?,
-                    std: std.to_dtype(candle_core::DType::F32)?,
-                })
-            };
-            let latents = enc(false)?;
-            let flipped = if flip { Some(enc(true)?) } else { None };
             examples.push(Example {
                 caption: p.caption.clone(),
                 mask: mask_for(false)?,
                 flipped_mask: if flip { mask_for(true)? } else { None },
-                latents,
-                flipped,
+                pixels: resize_center_crop(&img, resolution),
+                latents: Default::default(),
             });
         }
         Ok(Self {
             examples,
+            vae: Arc::new(vae.clone()),
+            flip,
+            device: device.clone(),
             scaling_factor: vae.scaling_factor(),
         })
     }
@@ -241,6 +235,55 @@ impl LatentSet {
 
     pub fn is_empty(&self) -> bool {
         self.examples.is_empty()
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn scaling_factor(&self) -> f64 {
+        self.scaling_factor
+    }
+
+    pub fn caption(&self, i: usize) -> &str {
+        &self.examples[i].caption
+    }
+
+    pub fn captions(&self) -> impl Iterator<Item = &str> {
+        self.examples.iter().map(|e| e.caption.as_str())
+    }
+
+    /// The latent distribution of example `i` in one orientation, encoded on first use.
+    pub fn dist(&self, i: usize, flipped: bool) -> Result<&LatentDist, TrainError> {
+        let ex = &self.examples[i];
+        let cell = &ex.latents[flipped as usize];
+        if let Some(d) = cell.get() {
+            return Ok(d);
+        }
+        let img = if flipped {
+            image::imageops::flip_horizontal(&ex.pixels)
+        } else {
+            ex.pixels.clone()
+        };
+        let (mean, std) = self
+            .vae
+            .encode_dist(&image_to_tensor(&img, &self.device)?)?;
+        let dist = LatentDist {
+            mean: mean.to_dtype(candle_core::DType::F32)?,
+            std: std.to_dtype(candle_core::DType::F32)?,
+        };
+        // Another thread may have encoded it meanwhile: either value is the same.
+        Ok(cell.get_or_init(|| dist))
+    }
+
+    /// `[1, 1, h, w]` loss weights of example `i` in one orientation, if it has a mask.
+    pub fn mask(&self, i: usize, flipped: bool) -> Option<&Tensor> {
+        let ex = &self.examples[i];
+        if flipped {
+            ex.flipped_mask.as_ref()
+        } else {
+            ex.mask.as_ref()
+        }
     }
 
     /// Draws the scaled latents of example `i` with `rng` (orientation, then the sample).
@@ -254,14 +297,11 @@ impl LatentSet {
         i: usize,
         rng: &mut StdRng,
     ) -> Result<(Tensor, Option<Tensor>), TrainError> {
-        let ex = &self.examples[i];
-        let (dist, mask) = match &ex.flipped {
-            Some(f) if rng.gen_bool(0.5) => (f, &ex.flipped_mask),
-            _ => (&ex.latents, &ex.mask),
-        };
+        let flipped = self.flip && rng.gen_bool(0.5);
+        let dist = self.dist(i, flipped)?;
         let eps = rng::randn(rng, dist.mean.dims(), dist.mean.device())?;
         let x = ((&dist.mean + (&dist.std * eps)?)? * self.scaling_factor)?;
-        Ok((x, mask.clone()))
+        Ok((x, self.mask(i, flipped).cloned()))
     }
 }
 

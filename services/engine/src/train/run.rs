@@ -167,7 +167,7 @@ pub fn run(
         cfg.loop_cfg.seed,
     )?;
 
-    let instance = LatentSet::encode(
+    let instance = LatentSet::prepare(
         &cfg.photos,
         &models.vae,
         cfg.resolution,
@@ -195,7 +195,7 @@ pub fn run(
                     mask: None,
                 })
                 .collect();
-            Some(LatentSet::encode(
+            Some(LatentSet::prepare(
                 &photos,
                 &models.vae,
                 cfg.resolution,

@@ -262,23 +262,15 @@ impl<'a> Trainer<'a> {
                 unet: &mut *inputs.unet,
                 text_encoder: &mut *inputs.text_encoder,
             })?;
-            let dev = inputs.instance.examples[0].latents.mean.device().clone();
+            let dev = inputs.instance.device().clone();
             let captions = inputs
                 .instance
-                .examples
-                .iter()
-                .chain(
-                    inputs
-                        .class
-                        .map(|c| c.examples.iter())
-                        .into_iter()
-                        .flatten(),
-                )
-                .map(|e| e.caption.clone());
+                .captions()
+                .chain(inputs.class.into_iter().flat_map(|c| c.captions()));
             for c in captions {
-                if !prompt_cache.contains_key(&c) {
-                    let emb = encode_prompt(&*inputs.text_encoder, &c, &dev)?.detach();
-                    prompt_cache.insert(c, emb);
+                if !prompt_cache.contains_key(c) {
+                    let emb = encode_prompt(&*inputs.text_encoder, c, &dev)?.detach();
+                    prompt_cache.insert(c.to_string(), emb);
                 }
             }
         }
@@ -399,11 +391,7 @@ impl<'a> Trainer<'a> {
     }
 
     fn contexts(&self, captions: &[&str]) -> Result<Tensor, TrainError> {
-        let dev = self.inputs.instance.examples[0]
-            .latents
-            .mean
-            .device()
-            .clone();
+        let dev = self.inputs.instance.device().clone();
         let mut out = Vec::with_capacity(captions.len());
         for c in captions {
             match self.prompt_cache.get(*c) {
@@ -436,17 +424,17 @@ impl<'a> Trainer<'a> {
         let mut masks = Vec::new();
         for b in 0..bs {
             let i = self.pick(inst.len(), index * bs as u64 + b as u64, 0);
-            let caption = &inst.examples[i].caption;
+            let caption = inst.caption(i);
             let (x, mask, caption) = match &self.augment {
                 Some(a) => {
-                    let dev = inst.examples[i].latents.mean.device();
+                    let dev = inst.device();
                     let masked = self.cfg.masked_loss.is_some();
                     let (x, weights, caption) = a.sample(i, caption, masked, &mut r, dev)?;
                     (x, Some(weights), caption)
                 }
                 None => {
                     let (x, mask) = inst.sample_with_mask(i, &mut r)?;
-                    (x, mask, caption.clone())
+                    (x, mask, caption.to_string())
                 }
             };
             latents.push(x);
@@ -459,7 +447,7 @@ impl<'a> Trainer<'a> {
                 let i = self.pick(class.len(), index * bs as u64 + b as u64, 1 << 40);
                 latents.push(class.sample(i, &mut r)?);
                 masks.push(None);
-                captions.push(class.examples[i].caption.clone());
+                captions.push(class.caption(i).to_string());
                 class_count += 1;
             }
         }
@@ -717,10 +705,10 @@ pub fn eval_loss(
 ) -> Result<f64, TrainError> {
     let mut total = 0.0;
     let mut n = 0usize;
-    for (i, ex) in set.examples.iter().enumerate() {
+    for i in 0..set.len() {
         let mut r = rng::rng_for(seed, Stream::Eval, i as u64);
-        let x0 = (&ex.latents.mean * set.scaling_factor)?;
-        let ctx = encode_prompt(text_encoder, &ex.caption, x0.device())?.detach();
+        let x0 = (&set.dist(i, false)?.mean * set.scaling_factor())?;
+        let ctx = encode_prompt(text_encoder, set.caption(i), x0.device())?.detach();
         for _ in 0..per_example {
             let noise = rng::randn(&mut r, x0.dims(), x0.device())?;
             let t = [r.gen_range(0..schedule.num_train_timesteps() as u32)];
