@@ -6,7 +6,8 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use image::RgbImage;
 use sidbooth_engine::attention::{map_to_npy, save_heatmap_png};
-use sidbooth_engine::pipeline::{load_latents, save_latents, GenerateRequest};
+use sidbooth_engine::pipeline::{image_seed, load_latents, save_latents, GenerateRequest};
+use sidbooth_engine::png_text::ImageSettings;
 use sidbooth_engine::train::registry;
 
 use crate::model::{progress_bar, ModelArgs};
@@ -94,7 +95,11 @@ fn slug(prompt: &str) -> String {
 }
 
 /// Writes `img` as a PNG with `text` in its text chunks.
-pub fn save_png_with_text(img: &RgbImage, text: &[(&str, String)], path: &Path) -> Result<()> {
+pub fn save_png_with_text<K: AsRef<str>>(
+    img: &RgbImage,
+    text: &[(K, String)],
+    path: &Path,
+) -> Result<()> {
     let bytes = sidbooth_engine::png_text::encode(img, text)?;
     std::fs::write(path, bytes).with_context(|| format!("writing {}", path.display()))
 }
@@ -160,9 +165,11 @@ fn check_args(args: &GenerateArgs) -> Result<()> {
 pub fn run(args: GenerateArgs) -> Result<()> {
     check_args(&args)?;
     let loaded = args.model.load()?;
+    let model_name = loaded.name;
     let mut sd = loaded.sd;
+    let mut method = None;
     if let Some(weights) = &args.weights {
-        let method = registry::load_weights(&mut sd, weights, args.weight_scale).with_context(|| {
+        let loaded_method = registry::load_weights(&mut sd, weights, args.weight_scale).with_context(|| {
             let hint = if weights.is_file() && is_kohya_lora(weights) {
                 " (kohya layout: sidbooth generate reads the diffusers layout in the same directory)"
             } else {
@@ -171,10 +178,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             format!("loading the weights {}{hint}", weights.display())
         })?;
         eprintln!(
-            "{method} weights {} (scale x{})",
+            "{loaded_method} weights {} (scale x{})",
             weights.display(),
             args.weight_scale
         );
+        method = Some(loaded_method);
     }
     let init_latents = match &args.init_latents {
         Some(p) => Some(
@@ -225,47 +233,29 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         }
         let n = out.images.len();
         for (ii, img) in out.images.iter().enumerate() {
-            let name = format!("{pi:02}-{}-seed{}-{ii:02}", slug(prompt), args.seed);
+            let seed = image_seed(args.seed, ii);
+            let name = format!("{pi:02}-{}-seed{seed}-{ii:02}", slug(prompt));
             let path = args.out.join(format!("{name}.png"));
-            let text = [
-                ("prompt", prompt.clone()),
-                (
-                    "negative_prompt",
-                    args.negative_prompt.clone().unwrap_or_default(),
-                ),
-                ("seed", args.seed.to_string()),
-                ("steps", args.steps.to_string()),
-                ("guidance", args.guidance.to_string()),
-                ("model", loaded.name.clone()),
-                (
-                    "weights",
-                    args.weights
-                        .as_ref()
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_default(),
-                ),
-                (
-                    "weight_scale",
-                    if args.weights.is_some() {
-                        args.weight_scale.to_string()
-                    } else {
-                        String::new()
-                    },
-                ),
-                (
-                    "init_latents",
-                    args.init_latents
-                        .as_ref()
-                        .map(|p| p.display().to_string())
-                        .unwrap_or_default(),
-                ),
-                ("image_index", format!("{ii} of {n}")),
-                ("scheduler", "DDIM".to_string()),
-                (
-                    "Software",
-                    format!("sidbooth {}", env!("CARGO_PKG_VERSION")),
-                ),
-            ];
+            let weights = args.weights.as_ref().map(|p| p.display().to_string());
+            let mut text = ImageSettings {
+                prompt,
+                negative_prompt: args.negative_prompt.as_deref(),
+                seed,
+                steps: args.steps,
+                guidance_scale: args.guidance,
+                width: img.width(),
+                height: img.height(),
+                base_model: &model_name,
+                method,
+                weights: weights.as_deref(),
+                weight_scale: args.weights.is_some().then_some(args.weight_scale),
+            }
+            .text();
+            // Given latents replace the seeded noise: the seed alone does not make this image.
+            if let Some(p) = &args.init_latents {
+                text.push(("init_latents", p.display().to_string()));
+            }
+            text.push(("image_index", format!("{ii} of {n}")));
             save_png_with_text(img, &text, &path)?;
             if let (Some(word), Some(maps)) = (&args.attention_token, &out.attention_maps) {
                 let hp = args

@@ -214,9 +214,11 @@ fn train_writes_a_lora_that_generate_loads() {
     assert_eq!(t["prompt"], "a photo of sks dog");
     assert_eq!(t["seed"], "11");
     assert_eq!(t["steps"], "4");
-    assert_eq!(t["guidance"], "7.5");
-    assert_eq!(t["model"], "sidbooth-tiny:5");
+    assert_eq!(t["guidance_scale"], "7.5");
+    assert_eq!(t["base_model"], "sidbooth-tiny:5");
     assert_eq!(t["weights"], "lora");
+    assert_eq!(t["method"], "lora");
+    assert_eq!((t["width"].as_str(), t["height"].as_str()), ("32", "32"));
     assert_eq!(t["negative_prompt"], "");
     assert_eq!(png_text(&base[0])["weights"], "");
     let (bp, tp) = (pixels(&base[0]), pixels(&tuned[0]));
@@ -373,6 +375,43 @@ fn saved_latents_reproduce_the_image() {
         assert_eq!(t["init_latents"], lat);
         assert_eq!(t["negative_prompt"], "blurry");
     }
+}
+
+/// Every image records its own seed: image 1 of a batch is made again, alone, from the seed in
+/// its metadata (as the worker makes each image of a job).
+#[test]
+fn the_recorded_seed_of_a_batch_image_makes_it_again() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let gen = |out: &str, seed: &str, n: &str| {
+        ok(sidbooth(
+            &[
+                "generate",
+                "--tiny",
+                "5",
+                "--prompt",
+                "a photo of sks dog",
+                "--steps",
+                "3",
+                "--seed",
+                seed,
+                "--num-images",
+                n,
+                "--out",
+                out,
+            ],
+            dir,
+        ))
+    };
+    gen("batch", "20", "3");
+    let batch = images(&dir.join("batch"));
+    assert_eq!(batch.len(), 3);
+    let seeds: Vec<String> = batch.iter().map(|p| png_text(p)["seed"].clone()).collect();
+    assert_eq!(seeds, ["20", "21", "22"]);
+    gen("alone", &seeds[1], "1");
+    let alone = images(&dir.join("alone"));
+    assert_eq!(png_text(&alone[0])["seed"], "21");
+    assert_eq!(pixels(&alone[0]), pixels(&batch[1]));
 }
 
 #[test]

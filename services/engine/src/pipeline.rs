@@ -104,6 +104,14 @@ pub fn initial_latents(seed: u64, shape: &[usize]) -> Result<Tensor> {
     Ok(Tensor::from_vec(v, shape, &Device::Cpu)?)
 }
 
+/// The seed of image `index` of a request seeded with `seed`. Each image's noise is drawn from
+/// its own seed, so image `index` of a batch is the image that a one-image request with this
+/// seed makes: the worker samples one image per call and the CLI a batch, and both number and
+/// record their images by this seed.
+pub fn image_seed(seed: u64, index: usize) -> u64 {
+    seed.wrapping_add(index as u64)
+}
+
 /// Saves latents as `.npy` (by extension) or safetensors (tensor name `latents`).
 pub fn save_latents(t: &Tensor, path: &Path) -> Result<()> {
     let t = t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?;
@@ -286,7 +294,13 @@ impl StableDiffusion {
                 }
                 t.to_dtype(DType::F32)?.to_device(&Device::Cpu)?
             }
-            None => initial_latents(req.seed, &shape)?,
+            None => {
+                let one = [1, shape[1], lh, lw];
+                let each = (0..n)
+                    .map(|i| initial_latents(image_seed(req.seed, i), &one))
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&each, 0)?
+            }
         };
         let mut sched = self.scheduler()?;
         sched.set_timesteps(req.steps)?;

@@ -6,7 +6,7 @@ use image::RgbImage;
 use crate::{Error, Result};
 
 /// An 8-bit RGB PNG of `image` with `text` as tEXt chunks (iTXt for text that is not Latin-1).
-pub fn encode(image: &RgbImage, text: &[(&str, String)]) -> Result<Vec<u8>> {
+pub fn encode<K: AsRef<str>>(image: &RgbImage, text: &[(K, String)]) -> Result<Vec<u8>> {
     let err = |e: png::EncodingError| Error::Image(e.to_string());
     let mut out = Vec::new();
     {
@@ -20,11 +20,11 @@ pub fn encode(image: &RgbImage, text: &[(&str, String)]) -> Result<Vec<u8>> {
         for (key, value) in text {
             if value.chars().all(|c| (c as u32) < 256) {
                 encoder
-                    .add_text_chunk((*key).to_owned(), value.clone())
+                    .add_text_chunk(key.as_ref().to_owned(), value.clone())
                     .map_err(err)?;
             } else {
                 encoder
-                    .add_itxt_chunk((*key).to_owned(), value.clone())
+                    .add_itxt_chunk(key.as_ref().to_owned(), value.clone())
                     .map_err(err)?;
             }
         }
@@ -33,6 +33,59 @@ pub fn encode(image: &RgbImage, text: &[(&str, String)]) -> Result<Vec<u8>> {
         writer.finish().map_err(err)?;
     }
     Ok(out)
+}
+
+/// How one generated image was made. The CLI and the worker both write exactly these text
+/// chunks, so `sidbooth generate` given them (prompt, seed, steps, guidance, size, base model,
+/// weights) makes the same image again, whichever of the two made it.
+#[derive(Debug, Clone)]
+pub struct ImageSettings<'a> {
+    pub prompt: &'a str,
+    pub negative_prompt: Option<&'a str>,
+    /// The image's own seed ([`crate::pipeline::image_seed`]): a one-image request with it
+    /// reproduces the image.
+    pub seed: u64,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub width: u32,
+    pub height: u32,
+    /// The base model's name as the worker and CLI report it.
+    pub base_model: &'a str,
+    /// The training method of the weights applied, if any.
+    pub method: Option<&'a str>,
+    /// The weights applied (a path or an artifact name), if any, and their scale.
+    pub weights: Option<&'a str>,
+    pub weight_scale: Option<f64>,
+}
+
+impl ImageSettings<'_> {
+    /// The text chunks, in a fixed order; absent values are empty strings.
+    pub fn text(&self) -> Vec<(&'static str, String)> {
+        vec![
+            ("prompt", self.prompt.to_owned()),
+            (
+                "negative_prompt",
+                self.negative_prompt.unwrap_or_default().to_owned(),
+            ),
+            ("seed", self.seed.to_string()),
+            ("steps", self.steps.to_string()),
+            ("guidance_scale", self.guidance_scale.to_string()),
+            ("width", self.width.to_string()),
+            ("height", self.height.to_string()),
+            ("sampler", "DDIM".to_owned()),
+            ("base_model", self.base_model.to_owned()),
+            ("method", self.method.unwrap_or_default().to_owned()),
+            ("weights", self.weights.unwrap_or_default().to_owned()),
+            (
+                "weight_scale",
+                self.weight_scale.map(|w| w.to_string()).unwrap_or_default(),
+            ),
+            (
+                "Software",
+                format!("sidbooth {}", env!("CARGO_PKG_VERSION")),
+            ),
+        ]
+    }
 }
 
 #[cfg(test)]

@@ -107,6 +107,37 @@ fn init_latents_files_round_trip_and_drive_generation() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Image `i` of a batch is the image a one-image request with `image_seed(seed, i)` makes (the
+/// CLI samples batches, the worker one image at a time; both record this seed).
+#[test]
+fn each_image_of_a_batch_has_its_own_seed() {
+    let m = TinyModel::build(0).unwrap();
+    let batch =
+        m.sd.generate(
+            &GenerateRequest {
+                num_images: 3,
+                ..req(40)
+            },
+            None,
+            None,
+        )
+        .unwrap();
+    for i in 0..3 {
+        let seed = pipeline::image_seed(40, i);
+        let one = m.sd.generate(&req(seed), None, None).unwrap();
+        let init = batch.init_latents.get(i).unwrap().unsqueeze(0).unwrap();
+        assert_eq!(max_diff(&init, &one.init_latents), 0.0, "image {i}");
+        let out = batch.latents.get(i).unwrap().unsqueeze(0).unwrap();
+        assert!(max_diff(&out, &one.latents) < 1e-4, "image {i}");
+    }
+    assert!(
+        max_diff(
+            &batch.init_latents.get(0).unwrap(),
+            &batch.init_latents.get(1).unwrap()
+        ) > 0.1
+    );
+}
+
 #[test]
 fn cancel_flag_stops_generation_and_progress_is_reported() {
     let m = TinyModel::build(0).unwrap();

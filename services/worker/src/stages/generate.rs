@@ -20,7 +20,7 @@ use sidbooth_domain::{GenerateSettings, Stage};
 use sidbooth_engine::{
     attention::{map_to_npy, overlay_heatmap},
     pipeline::{GenerateRequest, StableDiffusion},
-    png_text,
+    png_text::{self, ImageSettings},
     train::registry,
 };
 use tokio::sync::mpsc;
@@ -51,7 +51,7 @@ impl StageRunner for Generate {
 }
 
 fn engine_error(e: impl std::fmt::Display) -> StageError {
-    StageError::permanent("generate_failed", e.to_string())
+    StageError::engine("generate_failed", e)
 }
 
 pub fn image_name(prompt: usize, k: usize) -> String {
@@ -145,7 +145,7 @@ async fn run(cx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
                 done += 1;
                 continue;
             }
-            let seed = settings.seed + k as u64;
+            let seed = sidbooth_engine::pipeline::image_seed(settings.seed, k);
             let request = GenerateRequest {
                 prompt: prompt.clone(),
                 negative_prompt: settings.negative_prompt.clone(),
@@ -181,20 +181,22 @@ async fn run(cx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
                 Err(sidbooth_engine::Error::Canceled) => return Err(StageError::Interrupted),
                 Err(e) => return Err(engine_error(e)),
             };
-            let text = [
-                ("prompt", prompt.clone()),
-                (
-                    "negative_prompt",
-                    settings.negative_prompt.clone().unwrap_or_default(),
-                ),
-                ("seed", seed.to_string()),
-                ("steps", steps.to_string()),
-                ("guidance_scale", settings.guidance_scale.to_string()),
-                ("sampler", "DDIM".to_owned()),
-                ("base_model", cx.engine.args().model_name()),
-                ("method", method.to_owned()),
-                ("job_id", job.id.to_string()),
-            ];
+            let base_model = cx.engine.args().model_name();
+            let mut text = ImageSettings {
+                prompt,
+                negative_prompt: settings.negative_prompt.as_deref(),
+                seed,
+                steps,
+                guidance_scale: settings.guidance_scale,
+                width: sampled.image.width(),
+                height: sampled.image.height(),
+                base_model: &base_model,
+                method: Some(method),
+                weights: Some(WEIGHTS_PREFIX),
+                weight_scale: Some(1.0),
+            }
+            .text();
+            text.push(("job_id", job.id.to_string()));
             if let Some((map, overlay)) = &sampled.attention {
                 cx.io
                     .store(
