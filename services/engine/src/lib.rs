@@ -71,4 +71,4 @@ pub mod unet;
 pub mod vae;
 pub mod weights;
 
-pub use error::{Error, Result};
+pub use error::{is_transient_failure, Error, Result};

@@ -2,7 +2,7 @@
 //!
 //! | kind | examples | the worker |
 //! |---|---|---|
-//! | [`StageError::Transient`] | VLM timeouts, 429/5xx after the client's retries, storage and database errors | `Queue::retry_later` (exponential backoff; fails after the job's max attempts with the error recorded) |
+//! | [`StageError::Transient`] | VLM timeouts, 429/5xx after the client's retries, storage and database errors, the engine running out of GPU/host memory or disk (`engine_resources`) | `Queue::retry_later` (exponential backoff; fails after the job's max attempts with the error recorded) |
 //! | [`StageError::Permanent`] | invalid descriptions with review off, an input photo missing or unreadable, no VLM configured | `Queue::fail` with the code and message |
 //! | [`StageError::LeaseLost`] | another worker took the job over, it was deleted | stops quietly |
 //! | [`StageError::Interrupted`] | cancellation, lease lost, shutdown in release mode | mark canceled, stop, or release |
@@ -38,6 +38,18 @@ impl StageError {
         StageError::Permanent {
             code,
             message: message.into(),
+        }
+    }
+
+    /// A failure of the engine or the evaluators in a stage whose own failures are `code`:
+    /// transient (`engine_resources`) when the machine ran out of memory, disk or its GPU, which
+    /// another try, later or on another worker, may not; permanent otherwise.
+    pub fn engine(code: &'static str, e: impl std::fmt::Display) -> Self {
+        let message = e.to_string();
+        if sidbooth_engine::is_transient_failure(&message) {
+            StageError::transient("engine_resources", message)
+        } else {
+            StageError::permanent(code, message)
         }
     }
 
@@ -119,5 +131,32 @@ mod tests {
         assert_eq!(job_error.code, "description_invalid");
         assert_eq!(job_error.stage, Some(Stage::Describe));
         assert!(StageError::LeaseLost.job_error(None).is_none());
+    }
+
+    #[test]
+    fn an_engine_that_ran_out_of_memory_or_disk_is_retried_and_a_bad_input_is_not() {
+        let oom = "tensor error: DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")";
+        assert!(matches!(
+            StageError::engine("train_failed", oom),
+            StageError::Transient {
+                code: "engine_resources",
+                ..
+            }
+        ));
+        let full = std::io::Error::from_raw_os_error(28);
+        assert!(matches!(
+            StageError::engine("generate_failed", full),
+            StageError::Transient {
+                code: "engine_resources",
+                ..
+            }
+        ));
+        assert!(matches!(
+            StageError::engine("train_failed", "shape mismatch in matmul"),
+            StageError::Permanent {
+                code: "train_failed",
+                ..
+            }
+        ));
     }
 }

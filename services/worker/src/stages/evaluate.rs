@@ -63,7 +63,7 @@ impl StageRunner for Evaluate {
 }
 
 fn eval_error(e: impl std::fmt::Display) -> StageError {
-    StageError::permanent("evaluate_failed", e.to_string())
+    StageError::engine("evaluate_failed", e)
 }
 
 fn panic_error(e: tokio::task::JoinError) -> StageError {

@@ -74,7 +74,7 @@ enum EngineEvent {
 }
 
 fn engine_error(e: impl std::fmt::Display) -> StageError {
-    StageError::permanent("train_failed", e.to_string())
+    StageError::engine("train_failed", e)
 }
 
 /// Resumable state under the job's `work/` prefix: checkpoint directories and a pointer to the
