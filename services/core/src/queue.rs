@@ -60,6 +60,12 @@ pub struct Queue {
 }
 
 /// The predicate of every fenced write: `$1` job id, `$2` epoch.
+/// A value bound after the error in a fenced update ([`Queue::transition_in`]).
+enum SetArg<'a> {
+    Text(Option<&'a str>),
+    Seconds(f64),
+}
+
 const FENCE: &str = "id = $1 AND lease_epoch = $2 AND status = 'running'";
 
 impl Queue {
@@ -153,31 +159,41 @@ impl Queue {
     async fn transition(
         &self,
         lease: &Lease,
-        set: &str,
+        set: &'static str,
         bind_error: Option<&JobError>,
+        args: &[SetArg<'_>],
         event_kind: &str,
     ) -> Result<JobRecord> {
         let mut tx = self.pool.begin().await?;
-        let record = Self::transition_in(&mut tx, lease, set, bind_error).await?;
+        let record = Self::transition_in(&mut tx, lease, set, bind_error, args).await?;
         events::record(&mut *tx, lease.job_id, event_kind, status_event(&record)).await?;
         tx.commit().await?;
         Ok(record)
     }
 
+    /// `set` is a fixed SQL fragment: `$1`, `$2` are the fence's, `$3` the error, `$4`… the
+    /// `args` in order; every value is bound, none is spliced into the text.
     async fn transition_in(
         tx: &mut Transaction<'_, Postgres>,
         lease: &Lease,
-        set: &str,
+        set: &'static str,
         bind_error: Option<&JobError>,
+        args: &[SetArg<'_>],
     ) -> Result<JobRecord> {
-        let row: Option<JobRow> = sqlx::query_as(&format!(
+        let sql = format!(
             "UPDATE jobs SET {set}, updated_at = now() WHERE {FENCE} RETURNING {JOB_COLUMNS}"
-        ))
-        .bind(lease.job_id)
-        .bind(lease.epoch)
-        .bind(bind_error.map(serde_json::to_value).transpose()?)
-        .fetch_optional(&mut **tx)
-        .await?;
+        );
+        let mut query = sqlx::query_as::<_, JobRow>(&sql)
+            .bind(lease.job_id)
+            .bind(lease.epoch)
+            .bind(bind_error.map(serde_json::to_value).transpose()?);
+        for arg in args {
+            query = match *arg {
+                SetArg::Text(t) => query.bind(t),
+                SetArg::Seconds(secs) => query.bind(secs),
+            };
+        }
+        let row: Option<JobRow> = query.fetch_optional(&mut **tx).await?;
         row.ok_or(CoreError::LeaseLost)?.try_into()
     }
 
@@ -220,13 +236,18 @@ impl Queue {
         stage: Stage,
         next: Option<Stage>,
     ) -> Result<JobRecord> {
-        let set = format!(
-            "stages_done = array_append(array_remove(stages_done, '{s}'), '{s}'),
-             stage = {next}, progress = 0, attempts = 0, error = COALESCE($3, error)",
-            s = stage.as_str(),
-            next = next.map_or("NULL".to_owned(), |n| format!("'{}'", n.as_str())),
-        );
-        self.transition(lease, &set, None, "stage_completed").await
+        self.transition(
+            lease,
+            "stages_done = array_append(array_remove(stages_done, $4), $4),
+             stage = $5, progress = 0, attempts = 0, error = COALESCE($3, error)",
+            None,
+            &[
+                SetArg::Text(Some(stage.as_str())),
+                SetArg::Text(next.map(|n| n.as_str())),
+            ],
+            "stage_completed",
+        )
+        .await
     }
 
     /// Parks the job for the user's review; the lease ends.
@@ -236,6 +257,7 @@ impl Queue {
             "status = 'awaiting_review', lease_owner = NULL, lease_expires_at = NULL,
              error = COALESCE($3, error)",
             None,
+            &[],
             "status",
         )
         .await
@@ -249,14 +271,19 @@ impl Queue {
         stage: Stage,
         next: Option<Stage>,
     ) -> Result<JobRecord> {
-        let set = format!(
-            "stages_done = array_append(array_remove(stages_done, '{s}'), '{s}'),
-             stage = {next}, progress = 0, attempts = 0, status = 'awaiting_review',
+        self.transition(
+            lease,
+            "stages_done = array_append(array_remove(stages_done, $4), $4),
+             stage = $5, progress = 0, attempts = 0, status = 'awaiting_review',
              lease_owner = NULL, lease_expires_at = NULL, error = COALESCE($3, error)",
-            s = stage.as_str(),
-            next = next.map_or("NULL".to_owned(), |n| format!("'{}'", n.as_str())),
-        );
-        self.transition(lease, &set, None, "status").await
+            None,
+            &[
+                SetArg::Text(Some(stage.as_str())),
+                SetArg::Text(next.map(|n| n.as_str())),
+            ],
+            "status",
+        )
+        .await
     }
 
     pub async fn succeed(&self, lease: &Lease) -> Result<JobRecord> {
@@ -265,6 +292,7 @@ impl Queue {
             "status = 'succeeded', stage = NULL, progress = 1, lease_owner = NULL,
              lease_expires_at = NULL, finished_at = now(), error = COALESCE($3, NULL)",
             None,
+            &[],
             "status",
         )
         .await
@@ -277,6 +305,7 @@ impl Queue {
             "status = 'failed', lease_owner = NULL, lease_expires_at = NULL,
              finished_at = now(), error = $3",
             Some(error),
+            &[],
             "status",
         )
         .await
@@ -289,6 +318,7 @@ impl Queue {
             "status = 'canceled', lease_owner = NULL, lease_expires_at = NULL,
              finished_at = now(), error = COALESCE($3, error)",
             None,
+            &[],
             "status",
         )
         .await
@@ -312,12 +342,15 @@ impl Queue {
             return Ok(RetryDecision::Failed);
         }
         let delay = self.settings.backoff(attempts);
-        let set = format!(
+        let record = Self::transition_in(
+            &mut tx,
+            lease,
             "status = 'queued', lease_owner = NULL, lease_expires_at = NULL, error = $3,
-             run_after = now() + make_interval(secs => {})",
-            delay.as_secs_f64()
-        );
-        let record = Self::transition_in(&mut tx, lease, &set, Some(error)).await?;
+             run_after = now() + make_interval(secs => $4)",
+            Some(error),
+            &[SetArg::Seconds(delay.as_secs_f64())],
+        )
+        .await?;
         events::record(&mut *tx, lease.job_id, "status", status_event(&record)).await?;
         tx.commit().await?;
         Ok(RetryDecision::RetryAfter(delay))
@@ -333,6 +366,7 @@ impl Queue {
                  run_after = now(), attempts = greatest(attempts - 1, 0),
                  error = COALESCE($3, error)",
                 None,
+                &[],
                 "status",
             )
             .await?;
