@@ -23,6 +23,7 @@ mod evaluate;
 mod generate;
 mod model;
 mod postgres;
+mod s3_server;
 mod segment;
 mod train;
 
@@ -41,10 +42,12 @@ struct Cli {
 enum Command {
     /// Run the API, a worker, an embedded S3 server and (if needed) Postgres in one process.
     Dev(Box<dev::DevArgs>),
+    /// Serve S3 (the embedded s3s-fs server) over a folder, as its own process.
+    S3Server(s3_server::S3ServerArgs),
     /// Apply the database migrations.
     Migrate {
         #[command(flatten)]
-        db: DatabaseArgs,
+        db: LocalDatabaseArgs,
     },
     /// Manage API keys.
     Keys {
@@ -71,15 +74,55 @@ enum KeysCommand {
         #[arg(long)]
         tenant: String,
         #[command(flatten)]
-        db: DatabaseArgs,
+        db: LocalDatabaseArgs,
     },
     /// Revoke a key by its id.
     Revoke {
         #[arg(long)]
         id: uuid::Uuid,
         #[command(flatten)]
-        db: DatabaseArgs,
+        db: LocalDatabaseArgs,
     },
+}
+
+/// The database of an administrative command: `--database-url` / `DATABASE_URL`, else the one
+/// a `sidbooth dev` in `--dev-dir` found (it writes the URL into its data folder).
+#[derive(clap::Args)]
+struct LocalDatabaseArgs {
+    /// Postgres connection URL.
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
+    database_url: Option<String>,
+    /// Data folder of the `sidbooth dev` whose database to use when no URL is given.
+    #[arg(long, env = "SIDBOOTH_DEV_DIR", default_value = ".dev")]
+    dev_dir: std::path::PathBuf,
+}
+
+impl LocalDatabaseArgs {
+    fn resolve(self) -> Result<DatabaseArgs> {
+        let database_url = match self.database_url {
+            Some(url) => url,
+            None => {
+                let file = self.dev_dir.join(postgres::URL_FILE);
+                match std::fs::read_to_string(&file) {
+                    Ok(url) => url.trim().to_owned(),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => anyhow::bail!(
+                        "no database: pass --database-url (or set DATABASE_URL), or run this \
+                         beside a `sidbooth dev` (none has written {})",
+                        file.display()
+                    ),
+                    Err(e) => {
+                        return Err(
+                            anyhow::Error::new(e).context(format!("reading {}", file.display()))
+                        )
+                    }
+                }
+            }
+        };
+        Ok(DatabaseArgs {
+            database_url,
+            db_max_connections: 2,
+        })
+    }
 }
 
 fn init_tracing() {
@@ -99,6 +142,7 @@ async fn main() -> Result<()> {
     init_tracing();
     match cli.command {
         Command::Dev(args) => dev::run(*args).await,
+        Command::S3Server(args) => s3_server::run(args).await,
         Command::Train(args) => train::run(*args).await,
         Command::Generate(args) => {
             tokio::task::spawn_blocking(move || generate::run(*args)).await?
@@ -108,14 +152,14 @@ async fn main() -> Result<()> {
         }
         Command::Segment(args) => tokio::task::spawn_blocking(move || segment::run(*args)).await?,
         Command::Migrate { db } => {
-            let pool = sidbooth_core::db::connect(&db).await?;
+            let pool = sidbooth_core::db::connect(&db.resolve()?).await?;
             sidbooth_core::db::migrate(&pool).await?;
             println!("migrations applied");
             Ok(())
         }
         Command::Keys { command } => match command {
             KeysCommand::Create { tenant, db } => {
-                let pool = sidbooth_core::db::connect(&db).await?;
+                let pool = sidbooth_core::db::connect(&db.resolve()?).await?;
                 sidbooth_core::db::migrate(&pool).await?;
                 let key = sidbooth_core::tenants::create_key(&pool, &tenant).await?;
                 eprintln!(
@@ -126,7 +170,7 @@ async fn main() -> Result<()> {
                 Ok(())
             }
             KeysCommand::Revoke { id, db } => {
-                let pool = sidbooth_core::db::connect(&db).await?;
+                let pool = sidbooth_core::db::connect(&db.resolve()?).await?;
                 if sidbooth_core::tenants::revoke_key(&pool, id).await? {
                     println!("key {id} revoked");
                     Ok(())

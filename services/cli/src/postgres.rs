@@ -5,6 +5,13 @@
 //!    binaries are installed (as root, the cluster runs as the unprivileged `postgres` or
 //!    `nobody` user, since initdb refuses to run as root);
 //! 4. otherwise an error that says in one line how to get one.
+//!
+//! A dev stack owns its database: on a shared server it is named after the data folder
+//! (`sidbooth_dev_<hash of the folder's path>`), because a worker of one stack would otherwise
+//! claim the jobs of another whose storage it cannot see; and while a stack runs it holds an
+//! advisory lock on its database, so a second `sidbooth dev` on the same folder is refused with
+//! the reason. The URL is written to `<data folder>/database-url` for `sidbooth keys` and
+//! `sidbooth migrate` run beside it.
 
 use std::{
     net::TcpStream,
@@ -16,34 +23,55 @@ use std::{
 use anyhow::{bail, Context, Result};
 use sqlx::{Connection, PgConnection};
 
-const DEV_DATABASE: &str = "sidbooth_dev";
 const PRIVATE_PORT: u16 = 54329;
+
+/// The file in the data folder holding the URL of the stack's database.
+pub const URL_FILE: &str = "database-url";
+
+/// The database of the dev stack whose data folder is `data_dir`.
+pub fn dev_database_name(data_dir: &Path) -> String {
+    use sha2::Digest;
+    let path = std::fs::canonicalize(data_dir).unwrap_or_else(|_| data_dir.to_path_buf());
+    let digest = sha2::Sha256::digest(path.as_os_str().as_encoded_bytes());
+    format!("sidbooth_dev_{}", hex::encode(&digest[..6]))
+}
 
 /// Where the database came from, for the start-up banner.
 pub struct DevDatabase {
     pub url: String,
     pub origin: String,
+    /// The connection holding the stack's advisory lock; closed (lock released) when dropped,
+    /// before the cluster stops.
+    _lock: PgConnection,
     /// A cluster we started; it stops when this is dropped.
     _cluster: Option<PrivateCluster>,
 }
 
 pub async fn find(data_dir: &Path) -> Result<DevDatabase> {
+    let found = locate(data_dir).await?;
+    let lock = hold_lock(&found.0, data_dir).await?;
+    let file = data_dir.join(URL_FILE);
+    write_private(&file, &found.0).with_context(|| format!("writing {}", file.display()))?;
+    Ok(DevDatabase {
+        url: found.0,
+        origin: found.1,
+        _lock: lock,
+        _cluster: found.2,
+    })
+}
+
+/// URL, origin and (if we started one) the cluster.
+async fn locate(data_dir: &Path) -> Result<(String, String, Option<PrivateCluster>)> {
     if let Ok(url) = std::env::var("DATABASE_URL") {
-        return Ok(DevDatabase {
-            url,
-            origin: "DATABASE_URL".into(),
-            _cluster: None,
-        });
+        return Ok((url, "DATABASE_URL".into(), None));
     }
+    let name = dev_database_name(data_dir);
     if answers(5432) {
         let user = std::env::var("PGUSER").unwrap_or_else(|_| "postgres".into());
         let server = format!("postgres://{user}@127.0.0.1:5432/postgres");
-        if let Ok(url) = ensure_database(&server, DEV_DATABASE).await {
-            return Ok(DevDatabase {
-                url,
-                origin: format!("the server on localhost:5432 (database {DEV_DATABASE})"),
-                _cluster: None,
-            });
+        if let Ok(url) = ensure_database(&server, &name).await {
+            let origin = format!("the server on localhost:5432 (database {name})");
+            return Ok((url, origin, None));
         }
     }
     if let Some(bin) = server_binaries() {
@@ -52,17 +80,56 @@ pub async fn find(data_dir: &Path) -> Result<DevDatabase> {
             "postgres://{}@127.0.0.1:{PRIVATE_PORT}/postgres",
             cluster.user
         );
-        let url = ensure_database(&server, DEV_DATABASE).await?;
-        return Ok(DevDatabase {
-            url,
-            origin: format!("a private cluster in {}", cluster.dir.display()),
-            _cluster: Some(cluster),
-        });
+        let url = ensure_database(&server, &name).await?;
+        let origin = format!("a private cluster in {}", cluster.dir.display());
+        return Ok((url, origin, Some(cluster)));
     }
     bail!(
         "no PostgreSQL found: set DATABASE_URL, start a server on localhost:5432, \
          or install the server binaries (e.g. `apt-get install postgresql`) so sidbooth can run its own"
     )
+}
+
+/// Takes the stack's advisory lock on its database, or says which folder's stack holds it.
+async fn hold_lock(url: &str, data_dir: &Path) -> Result<PgConnection> {
+    let mut conn = PgConnection::connect(url)
+        .await
+        .with_context(|| format!("connecting to the dev database {}", redact(url)))?;
+    // One lock per database: the key is fixed, the database is the stack's own.
+    let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+        .bind(DEV_LOCK_KEY)
+        .fetch_one(&mut conn)
+        .await?;
+    if !got {
+        bail!(
+            "another `sidbooth dev` is running on the database {} (data folder {}); stop it, \
+             or start this one with another --data-dir",
+            redact(url),
+            data_dir.display()
+        );
+    }
+    Ok(conn)
+}
+
+/// The advisory-lock key a running dev stack holds on its database ("sidbooth" in ASCII).
+const DEV_LOCK_KEY: i64 = 0x7369_6462_6f6f_7468;
+
+/// `url` without its password, for messages.
+fn redact(url: &str) -> String {
+    sidbooth_core::config::redact_url(url)
+}
+
+/// Writes `text` to `path` readable by its owner only (it may hold a password).
+fn write_private(path: &Path, text: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)?;
+    f.write_all(text.as_bytes())
 }
 
 fn answers(port: u16) -> bool {
@@ -78,7 +145,10 @@ async fn ensure_database(server: &str, name: &str) -> Result<String> {
             .fetch_one(&mut admin)
             .await?;
     if !exists {
-        sqlx::query(&format!("CREATE DATABASE {name}"))
+        // An identifier cannot be bound; `name` is ours (letters, digits, underscores) and is
+        // quoted anyway.
+        debug_assert!(name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'));
+        sqlx::query(&format!("CREATE DATABASE \"{name}\""))
             .execute(&mut admin)
             .await?;
     }
@@ -244,6 +314,44 @@ impl Drop for PrivateCluster {
 mod tests {
     use super::*;
 
+    #[test]
+    fn each_data_folder_names_its_own_database() {
+        let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let name = dev_database_name(a.path());
+        assert_ne!(name, dev_database_name(b.path()));
+        // The same folder however it is spelled.
+        let spelled = a.path().join("x").join("..");
+        std::fs::create_dir(a.path().join("x")).unwrap();
+        assert_eq!(name, dev_database_name(&spelled));
+        assert!(name.starts_with("sidbooth_dev_") && name.len() == "sidbooth_dev_".len() + 12);
+    }
+
+    /// A second stack on the same database is refused, naming the folder; the lock goes with the
+    /// first stack.
+    #[tokio::test]
+    async fn a_second_stack_on_the_same_database_is_refused() {
+        let db = sidbooth_core::testing::TestDb::new().await;
+        let dir = tempfile::tempdir().unwrap();
+        let first = hold_lock(&db.url, dir.path()).await.unwrap();
+        let err = hold_lock(&db.url, dir.path())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("another `sidbooth dev` is running"), "{err}");
+        assert!(err.contains(&dir.path().display().to_string()), "{err}");
+        drop(first);
+        // The server releases the lock when the connection's backend ends; give it a moment.
+        let mut last = None;
+        for _ in 0..50 {
+            match hold_lock(&db.url, dir.path()).await {
+                Ok(_) => return,
+                Err(e) => last = Some(e),
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the lock was not released: {last:?}");
+    }
+
     /// The third way `sidbooth dev` finds a database: a cluster of its own, initialised and
     /// started in the data folder (as root through an unprivileged user), then stopped.
     #[tokio::test]
@@ -263,7 +371,7 @@ mod tests {
             .port();
         let cluster = PrivateCluster::start(&bin, &data.path().join("postgres"), port).unwrap();
         let server = format!("postgres://{}@127.0.0.1:{port}/postgres", cluster.user);
-        let url = ensure_database(&server, DEV_DATABASE)
+        let url = ensure_database(&server, "sidbooth_dev_test")
             .await
             .unwrap_or_else(|e| {
                 let log = std::fs::read_to_string(data.path().join("postgres/server.log"))

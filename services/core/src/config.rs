@@ -7,7 +7,7 @@ use std::{fmt, time::Duration};
 #[derive(Clone, clap::Args)]
 pub struct DatabaseArgs {
     /// Postgres connection URL.
-    #[arg(long, env = "DATABASE_URL")]
+    #[arg(long, env = "DATABASE_URL", hide_env_values = true)]
     pub database_url: String,
     /// Largest number of pooled connections.
     #[arg(long, env = "SIDBOOTH_DB_MAX_CONNECTIONS", default_value_t = 16)]
