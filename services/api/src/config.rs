@@ -34,6 +34,16 @@ pub struct ApiConfig {
     /// seconds; also how long a revoked key may keep working. 0 asks every time.
     #[arg(long, env = "SIDBOOTH_AUTH_CACHE_SECS", default_value_t = 10)]
     pub auth_cache_secs: u64,
+    /// Failed authentications a client address may make per minute (a burst of as many, then
+    /// one every 60/N seconds); beyond it every request from the address is answered 429 until
+    /// the budget refills. 0 turns the limit off.
+    #[arg(long, env = "SIDBOOTH_AUTH_FAILURES_PER_MINUTE", default_value_t = 20)]
+    pub auth_failures_per_minute: u32,
+    /// Take the client address from this request header's first entry (e.g.
+    /// `x-forwarded-for`) instead of the TCP peer. Set it only behind a proxy that writes the
+    /// header itself; otherwise clients choose their own address.
+    #[arg(long, env = "SIDBOOTH_CLIENT_ADDRESS_HEADER")]
+    pub client_address_header: Option<String>,
     /// Timeout of each readiness check, in milliseconds.
     #[arg(long, env = "SIDBOOTH_READY_TIMEOUT_MS", default_value_t = 2000)]
     pub ready_timeout_ms: u64,
@@ -49,6 +59,8 @@ impl Default for ApiConfig {
             queue: QueueSettings::default(),
             sse_keepalive_secs: 15,
             auth_cache_secs: 10,
+            auth_failures_per_minute: 20,
+            client_address_header: None,
             ready_timeout_ms: 2000,
         }
     }

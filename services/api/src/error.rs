@@ -136,6 +136,11 @@ pub mod kinds {
         S::NOT_ACCEPTABLE,
         "None of the accepted media types can be served",
     );
+    pub const RATE_LIMITED: ProblemKind = ProblemKind::new(
+        "rate-limited",
+        S::TOO_MANY_REQUESTS,
+        "Too many requests; try again after Retry-After seconds",
+    );
     pub const UNAVAILABLE: ProblemKind = ProblemKind::new(
         "unavailable",
         S::SERVICE_UNAVAILABLE,
@@ -153,7 +158,7 @@ pub mod kinds {
     );
 
     /// Every kind, for documentation and tests.
-    pub const ALL: [ProblemKind; 25] = [
+    pub const ALL: [ProblemKind; 26] = [
         UNAUTHORIZED,
         NOT_FOUND,
         METHOD_NOT_ALLOWED,
@@ -176,6 +181,7 @@ pub mod kinds {
         INVALID_MASK,
         NO_REPORT,
         NOT_ACCEPTABLE,
+        RATE_LIMITED,
         UNAVAILABLE,
         NOT_READY,
         INTERNAL,
@@ -260,6 +266,12 @@ pub enum ApiError {
     NoReport(String),
     #[error("{0}")]
     NotAcceptable(String),
+    /// A client went over a limit; it may try again after `retry_after`.
+    #[error("{what}; try again in {} s", retry_after_secs(*.retry_after))]
+    RateLimited {
+        what: &'static str,
+        retry_after: std::time::Duration,
+    },
     /// Postgres or storage did not answer; nothing was changed.
     #[error("{0} is unavailable")]
     Unavailable(&'static str),
@@ -296,6 +308,7 @@ impl ApiError {
             ApiError::InvalidMask(_) => INVALID_MASK,
             ApiError::NoReport(_) => NO_REPORT,
             ApiError::NotAcceptable(_) => NOT_ACCEPTABLE,
+            ApiError::RateLimited { .. } => RATE_LIMITED,
             ApiError::Unavailable(_) => UNAVAILABLE,
             ApiError::NotReady(_) => NOT_READY,
             ApiError::Internal(_) => INTERNAL,
@@ -344,6 +357,12 @@ impl IntoResponse for ApiError {
                 HeaderValue::from_static(UNAVAILABLE_RETRY_AFTER_SECS),
             );
         }
+        if let ApiError::RateLimited { retry_after, .. } = &self {
+            headers.insert(
+                header::RETRY_AFTER,
+                HeaderValue::from(retry_after_secs(*retry_after)),
+            );
+        }
         if kind == kinds::UNAUTHORIZED {
             headers.insert(
                 header::WWW_AUTHENTICATE,
@@ -352,6 +371,11 @@ impl IntoResponse for ApiError {
         }
         response
     }
+}
+
+/// Whole seconds for `Retry-After`, rounded up (at least 1).
+fn retry_after_secs(d: std::time::Duration) -> u64 {
+    (d.as_secs_f64().ceil() as u64).max(1)
 }
 
 impl From<CoreError> for ApiError {

@@ -16,6 +16,7 @@ mod key_cache;
 pub mod metrics;
 pub mod model;
 pub mod openapi;
+mod rate_limit;
 pub mod routes;
 pub mod state;
 pub mod upload;
@@ -115,11 +116,15 @@ pub async fn serve(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "API listening");
     }
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("API draining");
-            token.cancel();
-        })
-        .await
+    // The peer address reaches the middleware (failed-authentication limits per client).
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown.await;
+        tracing::info!("API draining");
+        token.cancel();
+    })
+    .await
 }

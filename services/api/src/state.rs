@@ -7,7 +7,10 @@ use sidbooth_core::{ArtifactStore, JobStore};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::{config::ApiConfig, events::EventHub, key_cache::KeyCache, upload::UploadLimits};
+use crate::{
+    config::ApiConfig, events::EventHub, key_cache::KeyCache, rate_limit::Buckets,
+    upload::UploadLimits,
+};
 
 #[derive(Clone)]
 pub struct AppState {
@@ -21,6 +24,8 @@ struct Inner {
     config: ApiConfig,
     events: EventHub,
     keys: KeyCache,
+    /// Failed authentications per client address.
+    auth_failures: Option<Buckets<std::net::IpAddr>>,
     shutdown: CancellationToken,
 }
 
@@ -32,6 +37,7 @@ impl AppState {
                 jobs: JobStore::new(pool.clone()),
                 events: EventHub::new(pool.clone(), shutdown.clone()),
                 keys: KeyCache::new(config.auth_cache()),
+                auth_failures: Buckets::new(config.auth_failures_per_minute),
                 pool,
                 storage,
                 config,
@@ -67,6 +73,10 @@ impl AppState {
 
     pub(crate) fn key_cache(&self) -> &KeyCache {
         &self.inner.keys
+    }
+
+    pub(crate) fn auth_failures(&self) -> Option<&Buckets<std::net::IpAddr>> {
+        self.inner.auth_failures.as_ref()
     }
 
     pub(crate) fn events(&self) -> &EventHub {

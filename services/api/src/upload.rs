@@ -497,8 +497,15 @@ fn encode(image: &DynamicImage, format: ImageFormat) -> image::ImageResult<Bytes
     Ok(Bytes::from(out))
 }
 
-/// Keeps a safe base name (ASCII letters, digits, `.`, `-`, `_`), with the extension of the real
-/// format; falls back to `image-{idx}`.
+/// Longest stem kept of an uploaded file's name. The name ends the photo's storage key
+/// (`tenants/<uuid>/jobs/<uuid>/inputs/NN-<name>`, 97 bytes before it), and S3-protocol servers
+/// that keep objects as files limit what a key may be: s3s-fs names each object's metadata file
+/// after base64 of the whole key, inside the 255-byte file-name limit, which keys longer than
+/// about 160 bytes pass.
+const MAX_STEM_CHARS: usize = 40;
+
+/// Keeps a safe base name (ASCII letters, digits, `.`, `-`, `_`, at most [`MAX_STEM_CHARS`] of
+/// them), with the extension of the real format; falls back to `image-{idx}`.
 fn sanitise_file_name(declared: Option<&str>, idx: usize, image: &CheckedImage) -> String {
     let ext = extension(image.format);
     let base = declared
@@ -522,7 +529,7 @@ fn sanitise_file_name(declared: Option<&str>, idx: usize, image: &CheckedImage) 
     let clean: String = clean
         .trim_matches(|c| c == '.' || c == '_')
         .chars()
-        .take(80)
+        .take(MAX_STEM_CHARS)
         .collect();
     if clean.is_empty() {
         format!("image-{idx}.{ext}")

@@ -13,6 +13,7 @@ pub mod multipart;
 pub mod queue;
 pub mod storage;
 pub mod tenants;
+pub mod view;
 
 pub use config::{DatabaseArgs, QueueSettings, StorageArgs};
 pub use error::CoreError;

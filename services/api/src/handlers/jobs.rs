@@ -1,7 +1,7 @@
 //! Creating, reading, listing and changing jobs.
 
 use axum::{
-    extract::{multipart::MultipartRejection, Multipart, Query, State},
+    extract::{multipart::MultipartRejection, rejection::QueryRejection, Multipart, Query, State},
     http::{header, HeaderMap, HeaderValue, StatusCode},
     response::{IntoResponse, Response},
     Extension, Json,
@@ -323,8 +323,11 @@ pub struct ListParams {
 pub async fn list(
     State(state): State<AppState>,
     Extension(Tenant(tenant)): Extension<Tenant>,
-    Query(params): Query<ListParams>,
+    params: Result<Query<ListParams>, QueryRejection>,
 ) -> Result<Json<JobList>, ApiError> {
+    // A query string that does not parse (a repeated parameter, bad percent-encoding) is a
+    // problem like any other bad input, not axum's plain-text rejection.
+    let Query(params) = params.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     let limit = match params.limit.as_deref() {
         None => 20,
         Some(raw) => raw

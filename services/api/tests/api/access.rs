@@ -1,6 +1,7 @@
 //! Authentication and tenant isolation, on every /v1 route.
 
 use reqwest::StatusCode;
+use sidbooth_api::config::ApiConfig;
 use sidbooth_api::routes::{routes, Access};
 use uuid::Uuid;
 
@@ -12,7 +13,12 @@ fn concrete(path: &str, id: &str) -> String {
 
 #[tokio::test]
 async fn every_v1_route_needs_a_valid_key() {
-    let app = TestApp::start().await;
+    // Sixty failures from one address in a row: the limit on them has its own test.
+    let app = TestApp::with_config(ApiConfig {
+        auth_failures_per_minute: 0,
+        ..ApiConfig::default()
+    })
+    .await;
     let id = Uuid::now_v7().to_string();
     let revoked = sidbooth_core::tenants::create_key(&app.db.pool, "tenant-r")
         .await
@@ -156,4 +162,60 @@ async fn revocation_takes_effect_within_the_auth_cache_ttl() {
             "ttl {ttl}"
         );
     }
+}
+
+/// Wrong keys from one address: the first N are 401, then every request from the address is 429
+/// with Retry-After (a right key too, until the budget refills), and the key is not looked at.
+#[tokio::test]
+async fn failed_authentication_is_limited_per_client_address() {
+    let app = TestApp::with_config(ApiConfig {
+        auth_failures_per_minute: 5,
+        ..ApiConfig::default()
+    })
+    .await;
+    let wrong = |n: usize| {
+        app.client
+            .get(app.url("/v1/jobs"))
+            .header("authorization", format!("Bearer sb_wrong{n}"))
+            .send()
+    };
+    for n in 0..5 {
+        assert_problem(
+            wrong(n).await.unwrap(),
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+        )
+        .await;
+    }
+    let limited = wrong(5).await.unwrap();
+    let retry_after: u64 = limited.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=12).contains(&retry_after), "{retry_after}");
+    assert_problem(limited, StatusCode::TOO_MANY_REQUESTS, "rate-limited").await;
+    let right = app.get("/v1/jobs").send().await.unwrap();
+    assert_problem(right, StatusCode::TOO_MANY_REQUESTS, "rate-limited").await;
+
+    // Another address (as a trusted proxy reports it) is not affected.
+    let app = TestApp::with_config(ApiConfig {
+        auth_failures_per_minute: 1,
+        client_address_header: Some("x-forwarded-for".into()),
+        ..ApiConfig::default()
+    })
+    .await;
+    let from = |ip: &str, key: &str| {
+        app.client
+            .get(app.url("/v1/jobs"))
+            .header("x-forwarded-for", format!("{ip}, 10.0.0.1"))
+            .header("authorization", format!("Bearer {key}"))
+            .send()
+    };
+    let r = from("203.0.113.7", "sb_wrong").await.unwrap();
+    assert_problem(r, StatusCode::UNAUTHORIZED, "unauthorized").await;
+    let r = from("203.0.113.7", "sb_wrong").await.unwrap();
+    assert_problem(r, StatusCode::TOO_MANY_REQUESTS, "rate-limited").await;
+    let r = from("198.51.100.2", &app.key).await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
 }

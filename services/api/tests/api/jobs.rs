@@ -77,6 +77,9 @@ async fn list_is_newest_first_with_cursor_and_status_filter() {
         "limit=x",
         "cursor=nope",
         "status=done",
+        // Query strings that do not parse at all are problems too, not plain text.
+        "limit=1&limit=2",
+        "status=%ZZ",
     ] {
         let response = app.get(&format!("/v1/jobs?{bad}")).send().await.unwrap();
         assert_problem(response, StatusCode::BAD_REQUEST, "invalid-request").await;

@@ -133,6 +133,36 @@ async fn png_and_webp_are_accepted_by_content_whatever_their_names() {
     );
 }
 
+/// A 300-character file name (and one of multi-byte letters) is shortened to what every storage
+/// can hold: the job is accepted and the photos are stored under their shortened names.
+#[tokio::test]
+async fn very_long_file_names_are_shortened_and_stored() {
+    let app = TestApp::start().await;
+    let long = format!("{}.jpg", "a".repeat(296));
+    let wide = format!("{}.jpg", "ü".repeat(200));
+    let response = app
+        .post_job(
+            &dog_spec(),
+            vec![(long, dog_photo(0)), (wide, dog_photo(1))],
+        )
+        .await;
+    assert_eq!(response.status(), StatusCode::ACCEPTED);
+    let job: Value = response.json().await.unwrap();
+    let names: Vec<&str> = job["images"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n.as_str().unwrap())
+        .collect();
+    assert_eq!(names[0], format!("{}.jpg", "a".repeat(40)));
+    assert_eq!(names[1], "image-1.jpg");
+    let keys = app.storage.all_keys().await;
+    assert_eq!(keys.len(), 2, "{keys:?}");
+    for key in &keys {
+        assert!(!app.storage.store.get(key).await.unwrap().is_empty());
+    }
+}
+
 /// Posts and expects a problem; then checks nothing was stored.
 async fn refused(
     app: &TestApp,
