@@ -56,6 +56,7 @@ pub fn fast_queue() -> QueueSettings {
         max_attempts: 4,
         retry_base_secs: 0.1,
         retry_max_secs: 0.5,
+        max_running_jobs: 0,
     }
 }
 
@@ -72,6 +73,11 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start() -> Self {
+        Self::start_with(|_| {}).await
+    }
+
+    /// A stack whose API settings `adjust` changes first (CORS origins, limits...).
+    pub async fn start_with(adjust: impl FnOnce(&mut sidbooth_api::ApiConfig)) -> Self {
         let db = TestDb::new().await;
         let storage = TestStorage::start().await;
         let vlm = FakeVlm::start().await;
@@ -80,11 +86,12 @@ impl Stack {
             .unwrap()
             .secret;
 
-        let config = sidbooth_api::ApiConfig {
+        let mut config = sidbooth_api::ApiConfig {
             queue: fast_queue(),
             sse_keepalive_secs: 1,
             ..sidbooth_api::ApiConfig::default()
         };
+        adjust(&mut config);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let api_url = format!("http://{}", listener.local_addr().unwrap());
         let state = sidbooth_api::AppState::new(db.pool.clone(), storage.store.clone(), config);

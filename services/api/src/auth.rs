@@ -4,7 +4,7 @@
 use std::net::{IpAddr, SocketAddr};
 
 use axum::{
-    extract::{ConnectInfo, Request, State},
+    extract::{rejection::PathRejection, ConnectInfo, Path, Request, State},
     http::header,
     middleware::Next,
     response::Response,
@@ -45,25 +45,71 @@ fn bearer(request: &Request) -> Result<&str, ApiError> {
 /// minute per few tries.
 pub async fn require_tenant(
     State(state): State<AppState>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    authenticated(state, request, next, None).await
+}
+
+/// Middleware of a job's event stream: like [`require_tenant`], and without an
+/// `Authorization` header also `?token=` of a signed events URL made for this job
+/// ([`crate::events_url`]), which is what a browser's `EventSource` can send.
+pub async fn require_tenant_or_events_token(
+    State(state): State<AppState>,
+    job: Result<Path<Uuid>, PathRejection>,
+    request: Request,
+    next: Next,
+) -> Result<Response, ApiError> {
+    let job = job.ok().map(|Path(id)| id);
+    authenticated(state, request, next, job).await
+}
+
+/// The `token` query parameter (signed URLs' tokens need no percent-decoding).
+fn events_token(request: &Request) -> Option<&str> {
+    request
+        .uri()
+        .query()?
+        .split('&')
+        .find_map(|pair| pair.strip_prefix("token="))
+}
+
+async fn authenticated(
+    state: AppState,
     mut request: Request,
     next: Next,
+    events_of: Option<Uuid>,
 ) -> Result<Response, ApiError> {
     let client = client_address(&state, &request);
     let limiter = state.auth_failures().zip(client);
-    if let Some((buckets, ip)) = limiter {
-        if let Some(retry_after) = buckets.wait(&ip) {
+    if let Some(((buckets, rate), ip)) = limiter {
+        if let Some(retry_after) = buckets.wait(&ip, rate) {
             return Err(ApiError::RateLimited {
                 what: "too many failed authentications from this address",
                 retry_after,
             });
         }
     }
-    // The key is taken out of the request first: a borrowed request does not cross an await.
-    let key = bearer(&request).map(str::to_owned);
-    let tenant = match authenticate(&state, key).await {
+    let token = events_of
+        .filter(|_| !request.headers().contains_key(header::AUTHORIZATION))
+        .zip(events_token(&request));
+    let outcome = match token {
+        Some((job, token)) => state
+            .events_urls()
+            .verify(token, job)
+            .ok_or(ApiError::Unauthorized(
+                "the events URL is invalid or expired; ask for a new one",
+            )),
+        None => {
+            // The key is taken out of the request first: a borrowed request does not cross an
+            // await.
+            let key = bearer(&request).map(str::to_owned);
+            authenticate(&state, key).await
+        }
+    };
+    let tenant = match outcome {
         Err(e @ ApiError::Unauthorized(_)) => {
-            if let Some((buckets, ip)) = limiter {
-                buckets.spend(&ip);
+            if let Some(((buckets, rate), ip)) = limiter {
+                buckets.spend(&ip, rate);
             }
             return Err(e);
         }

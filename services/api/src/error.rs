@@ -136,10 +136,20 @@ pub mod kinds {
         S::NOT_ACCEPTABLE,
         "None of the accepted media types can be served",
     );
+    pub const INVALID_WEBHOOK: ProblemKind = ProblemKind::new(
+        "invalid-webhook",
+        S::UNPROCESSABLE_ENTITY,
+        "Webhook endpoint refused",
+    );
     pub const RATE_LIMITED: ProblemKind = ProblemKind::new(
         "rate-limited",
         S::TOO_MANY_REQUESTS,
         "Too many requests; try again after Retry-After seconds",
+    );
+    pub const QUOTA_EXCEEDED: ProblemKind = ProblemKind::new(
+        "quota-exceeded",
+        S::TOO_MANY_REQUESTS,
+        "A limit of the tenant is reached; try again after Retry-After seconds",
     );
     pub const UNAVAILABLE: ProblemKind = ProblemKind::new(
         "unavailable",
@@ -158,7 +168,7 @@ pub mod kinds {
     );
 
     /// Every kind, for documentation and tests.
-    pub const ALL: [ProblemKind; 26] = [
+    pub const ALL: [ProblemKind; 28] = [
         UNAUTHORIZED,
         NOT_FOUND,
         METHOD_NOT_ALLOWED,
@@ -181,7 +191,9 @@ pub mod kinds {
         INVALID_MASK,
         NO_REPORT,
         NOT_ACCEPTABLE,
+        INVALID_WEBHOOK,
         RATE_LIMITED,
+        QUOTA_EXCEEDED,
         UNAVAILABLE,
         NOT_READY,
         INTERNAL,
@@ -219,6 +231,8 @@ pub enum ApiError {
     Unauthorized(&'static str),
     #[error("no such job")]
     NotFound,
+    #[error("no such webhook endpoint")]
+    NoSuchWebhook,
     #[error("no route for {0}")]
     NoRoute(String),
     #[error("method {0} is not allowed on this route")]
@@ -266,10 +280,19 @@ pub enum ApiError {
     NoReport(String),
     #[error("{0}")]
     NotAcceptable(String),
+    #[error("{0}")]
+    InvalidWebhook(String),
     /// A client went over a limit; it may try again after `retry_after`.
     #[error("{what}; try again in {} s", retry_after_secs(*.retry_after))]
     RateLimited {
         what: &'static str,
+        retry_after: std::time::Duration,
+    },
+    /// The tenant is at one of its limits (queued jobs, daily seconds); `retry_after` says when
+    /// trying again is worth it.
+    #[error("{what}; try again in {} s", retry_after_secs(*.retry_after))]
+    QuotaExceeded {
+        what: String,
         retry_after: std::time::Duration,
     },
     /// Postgres or storage did not answer; nothing was changed.
@@ -287,7 +310,7 @@ impl ApiError {
         use kinds::*;
         match self {
             ApiError::Unauthorized(_) => UNAUTHORIZED,
-            ApiError::NotFound | ApiError::NoRoute(_) => NOT_FOUND,
+            ApiError::NotFound | ApiError::NoSuchWebhook | ApiError::NoRoute(_) => NOT_FOUND,
             ApiError::MethodNotAllowed(_) => METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => CONFLICT,
             ApiError::IdempotencyKeyReused => IDEMPOTENCY_KEY_REUSED,
@@ -308,7 +331,9 @@ impl ApiError {
             ApiError::InvalidMask(_) => INVALID_MASK,
             ApiError::NoReport(_) => NO_REPORT,
             ApiError::NotAcceptable(_) => NOT_ACCEPTABLE,
+            ApiError::InvalidWebhook(_) => INVALID_WEBHOOK,
             ApiError::RateLimited { .. } => RATE_LIMITED,
+            ApiError::QuotaExceeded { .. } => QUOTA_EXCEEDED,
             ApiError::Unavailable(_) => UNAVAILABLE,
             ApiError::NotReady(_) => NOT_READY,
             ApiError::Internal(_) => INTERNAL,
@@ -357,7 +382,9 @@ impl IntoResponse for ApiError {
                 HeaderValue::from_static(UNAVAILABLE_RETRY_AFTER_SECS),
             );
         }
-        if let ApiError::RateLimited { retry_after, .. } = &self {
+        if let ApiError::RateLimited { retry_after, .. }
+        | ApiError::QuotaExceeded { retry_after, .. } = &self
+        {
             headers.insert(
                 header::RETRY_AFTER,
                 HeaderValue::from(retry_after_secs(*retry_after)),

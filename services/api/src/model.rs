@@ -165,3 +165,169 @@ pub struct Readiness {
     pub postgres: String,
     pub storage: String,
 }
+
+/// A webhook endpoint to register.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewWebhook {
+    /// Where events are POSTed: an http(s) URL on a public address.
+    #[schema(example = "https://example.com/sidbooth-events")]
+    pub url: String,
+    /// Event types to deliver (`job.queued`, `job.running`, `job.awaiting_review`,
+    /// `job.succeeded`, `job.failed`, `job.canceled`); all of them when absent.
+    pub events: Option<Vec<String>>,
+}
+
+/// A registered webhook endpoint.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Webhook {
+    pub id: Uuid,
+    pub url: String,
+    pub events: Vec<String>,
+    pub created_at: DateTime<Utc>,
+    /// Its delivery log.
+    pub deliveries: String,
+}
+
+impl From<sidbooth_core::webhooks::Endpoint> for Webhook {
+    fn from(e: sidbooth_core::webhooks::Endpoint) -> Self {
+        Self {
+            deliveries: format!("/v1/webhooks/{}/deliveries", e.id),
+            id: e.id,
+            url: e.url,
+            events: e.events,
+            created_at: e.created_at,
+        }
+    }
+}
+
+/// A webhook endpoint just registered, with its signing secret (shown this once).
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct CreatedWebhook {
+    pub id: Uuid,
+    pub url: String,
+    pub events: Vec<String>,
+    /// `whsec_` + base64 key: verify `webhook-signature` (`v1,` + base64 HMAC-SHA256 of
+    /// `webhook-id.webhook-timestamp.body`, keyed with the decoded key), as the Standard
+    /// Webhooks libraries do. It is not shown again.
+    #[schema(example = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")]
+    pub secret: String,
+    pub created_at: DateTime<Utc>,
+    pub deliveries: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Webhooks {
+    pub webhooks: Vec<Webhook>,
+}
+
+/// What every delivery's body holds.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct WebhookEvent {
+    /// `job.<status>`.
+    #[serde(rename = "type")]
+    #[schema(example = "job.succeeded")]
+    pub type_: String,
+    pub timestamp: DateTime<Utc>,
+    /// The job as `GET /v1/jobs/{id}` returns it, right after the change.
+    pub data: Job,
+}
+
+/// One event for one endpoint, with every try.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DeliveryBody {
+    pub id: i64,
+    /// The `webhook-id` header, the same on every try: receivers drop repeats by it.
+    pub message_id: String,
+    pub event_type: String,
+    pub job_id: Uuid,
+    /// `pending` (the next try is due at `next_attempt_at`), `delivered` or `failed` (the
+    /// retry window passed).
+    #[schema(example = "delivered")]
+    pub status: String,
+    pub attempts: i32,
+    pub next_attempt_at: Option<DateTime<Utc>>,
+    pub created_at: DateTime<Utc>,
+    pub finished_at: Option<DateTime<Utc>>,
+    pub tries: Vec<DeliveryTry>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct DeliveryTry {
+    pub attempted_at: DateTime<Utc>,
+    /// The endpoint's HTTP status; null when it did not answer.
+    pub response_status: Option<i32>,
+    pub error: Option<String>,
+    pub duration_ms: i32,
+}
+
+impl From<sidbooth_core::webhooks::Delivery> for DeliveryBody {
+    fn from(d: sidbooth_core::webhooks::Delivery) -> Self {
+        use sidbooth_core::webhooks::DeliveryStatus;
+        Self {
+            id: d.id,
+            message_id: d.message_id,
+            event_type: d.event_type,
+            job_id: d.job_id,
+            status: match d.status {
+                DeliveryStatus::Pending => "pending",
+                DeliveryStatus::Delivered => "delivered",
+                DeliveryStatus::Failed => "failed",
+            }
+            .to_owned(),
+            attempts: d.attempts,
+            next_attempt_at: d.next_attempt_at,
+            created_at: d.created_at,
+            finished_at: d.finished_at,
+            tries: d
+                .tries
+                .into_iter()
+                .map(|t| DeliveryTry {
+                    attempted_at: t.attempted_at,
+                    response_status: t.response_status,
+                    error: t.error,
+                    duration_ms: t.duration_ms,
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Deliveries {
+    pub deliveries: Vec<DeliveryBody>,
+}
+
+/// A signed URL of a job's event stream.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct EventsUrl {
+    /// `/v1/jobs/{id}/events?token=…`, relative to the API; needs no key.
+    pub url: String,
+    pub expires_at: DateTime<Utc>,
+}
+
+/// The tenant's limits in force; null is no limit.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TenantLimits {
+    pub max_queued_jobs: Option<u32>,
+    pub max_running_jobs: Option<u32>,
+    /// Wall seconds of train, generate and evaluate per UTC day.
+    pub gpu_seconds_per_day: Option<f64>,
+    pub job_posts_per_minute: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct TenantUsage {
+    pub queued_jobs: i64,
+    pub running_jobs: i64,
+    pub gpu_seconds_today: f64,
+    /// The UTC day `gpu_seconds_today` counts.
+    pub day: chrono::NaiveDate,
+    pub day_resets_at: DateTime<Utc>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct UsageBody {
+    pub limits: TenantLimits,
+    pub usage: TenantUsage,
+}

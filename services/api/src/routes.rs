@@ -9,7 +9,7 @@ use axum::{
 };
 
 use crate::{
-    handlers::{artifacts, descriptions, events, jobs, masks, ops, report},
+    handlers::{artifacts, descriptions, events, jobs, masks, ops, report, usage, webhooks},
     state::AppState,
 };
 
@@ -19,6 +19,8 @@ pub enum Access {
     Public,
     /// Needs `Authorization: Bearer <key>`; the handler acts for the key's tenant.
     Tenant,
+    /// A job's event stream: a key, or the `token` of a signed events URL for that job.
+    TenantOrEventsToken,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,7 +55,7 @@ where
 }
 
 pub(crate) fn table() -> Vec<Route> {
-    use Access::{Public, Tenant};
+    use Access::{Public, Tenant, TenantOrEventsToken};
     vec![
         Route {
             body: Body::Upload,
@@ -86,12 +88,38 @@ pub(crate) fn table() -> Vec<Route> {
             )
         },
         route(Method::GET, "/v1/jobs/{id}/report", Tenant, report::get),
-        route(Method::GET, "/v1/jobs/{id}/events", Tenant, events::stream),
+        route(
+            Method::GET,
+            "/v1/jobs/{id}/events",
+            TenantOrEventsToken,
+            events::stream,
+        ),
+        route(
+            Method::POST,
+            "/v1/jobs/{id}/events-url",
+            Tenant,
+            events::signed_url,
+        ),
         route(
             Method::GET,
             "/v1/jobs/{id}/artifacts",
             Tenant,
             artifacts::list,
+        ),
+        route(Method::GET, "/v1/usage", Tenant, usage::get),
+        route(Method::POST, "/v1/webhooks", Tenant, webhooks::create),
+        route(Method::GET, "/v1/webhooks", Tenant, webhooks::list),
+        route(
+            Method::DELETE,
+            "/v1/webhooks/{id}",
+            Tenant,
+            webhooks::delete,
+        ),
+        route(
+            Method::GET,
+            "/v1/webhooks/{id}/deliveries",
+            Tenant,
+            webhooks::deliveries,
         ),
         route(Method::GET, "/healthz", Public, ops::healthz),
         route(Method::GET, "/readyz", Public, ops::readyz),

@@ -3,12 +3,16 @@
 
 use std::sync::Arc;
 
-use sidbooth_core::{ArtifactStore, JobStore};
+use sidbooth_core::{quotas::QuotaStore, webhooks::WebhookStore, ArtifactStore, JobStore};
 use sqlx::PgPool;
 use tokio_util::sync::CancellationToken;
 
 use crate::{
-    config::ApiConfig, events::EventHub, key_cache::KeyCache, rate_limit::Buckets,
+    config::ApiConfig,
+    events::EventHub,
+    events_url::EventsUrlSigner,
+    key_cache::KeyCache,
+    rate_limit::{Buckets, Rate},
     upload::UploadLimits,
 };
 
@@ -20,12 +24,17 @@ pub struct AppState {
 struct Inner {
     pool: PgPool,
     jobs: JobStore,
+    webhooks: WebhookStore,
     storage: ArtifactStore,
     config: ApiConfig,
     events: EventHub,
     keys: KeyCache,
+    events_urls: EventsUrlSigner,
     /// Failed authentications per client address.
-    auth_failures: Option<Buckets<std::net::IpAddr>>,
+    auth_failures: Option<(Buckets<std::net::IpAddr>, Rate)>,
+    /// Job submissions per tenant (each tenant's rate may differ).
+    job_posts: Buckets<uuid::Uuid>,
+    quotas: QuotaStore,
     shutdown: CancellationToken,
 }
 
@@ -35,9 +44,17 @@ impl AppState {
         Self {
             inner: Arc::new(Inner {
                 jobs: JobStore::new(pool.clone()),
+                webhooks: WebhookStore::new(pool.clone()),
                 events: EventHub::new(pool.clone(), shutdown.clone()),
                 keys: KeyCache::new(config.auth_cache()),
-                auth_failures: Buckets::new(config.auth_failures_per_minute),
+                events_urls: EventsUrlSigner::new(
+                    config.events_url_key.as_ref(),
+                    config.events_url_ttl(),
+                ),
+                auth_failures: Rate::per_minute(config.auth_failures_per_minute)
+                    .map(|rate| (Buckets::new(), rate)),
+                job_posts: Buckets::new(),
+                quotas: QuotaStore::new(pool.clone()),
                 pool,
                 storage,
                 config,
@@ -52,6 +69,10 @@ impl AppState {
 
     pub fn jobs(&self) -> &JobStore {
         &self.inner.jobs
+    }
+
+    pub fn webhooks(&self) -> &WebhookStore {
+        &self.inner.webhooks
     }
 
     pub fn storage(&self) -> &ArtifactStore {
@@ -75,8 +96,23 @@ impl AppState {
         &self.inner.keys
     }
 
-    pub(crate) fn auth_failures(&self) -> Option<&Buckets<std::net::IpAddr>> {
-        self.inner.auth_failures.as_ref()
+    pub(crate) fn events_urls(&self) -> &EventsUrlSigner {
+        &self.inner.events_urls
+    }
+
+    pub(crate) fn auth_failures(&self) -> Option<(&Buckets<std::net::IpAddr>, Rate)> {
+        self.inner
+            .auth_failures
+            .as_ref()
+            .map(|(b, rate)| (b, *rate))
+    }
+
+    pub(crate) fn job_posts(&self) -> &Buckets<uuid::Uuid> {
+        &self.inner.job_posts
+    }
+
+    pub fn quotas(&self) -> &QuotaStore {
+        &self.inner.quotas
     }
 
     pub(crate) fn events(&self) -> &EventHub {

@@ -57,10 +57,7 @@ pub async fn run(mut args: DevArgs) -> Result<()> {
     std::fs::create_dir_all(&args.data_dir)
         .with_context(|| format!("creating {}", args.data_dir.display()))?;
     let database = postgres::find(&args.data_dir).await?;
-    let db_args = DatabaseArgs {
-        database_url: database.url.clone(),
-        db_max_connections: 16,
-    };
+    let db_args = DatabaseArgs::new(database.url.clone(), 16);
     let pool = sidbooth_core::db::connect(&db_args).await?;
     sidbooth_core::db::migrate(&pool).await?;
 
@@ -91,6 +88,11 @@ pub async fn run(mut args: DevArgs) -> Result<()> {
     let api_config = sidbooth_api::ApiConfig {
         bind: args.bind,
         queue: args.worker.queue.clone(),
+        // A dev stack's webhooks go to receivers on this machine.
+        webhooks: sidbooth_api::config::WebhookSettings {
+            allow_private_targets: true,
+            ..Default::default()
+        },
         ..sidbooth_api::ApiConfig::default()
     };
     let listener = tokio::net::TcpListener::bind(args.bind)

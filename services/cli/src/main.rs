@@ -3,6 +3,7 @@
 //! * `sidbooth dev [--demo]`: everything in one process on embedded defaults.
 //! * `sidbooth migrate`: apply the database migrations.
 //! * `sidbooth keys create --tenant NAME`: issue an API key (printed once).
+//! * `sidbooth tenants limits --tenant NAME [--max-queued-jobs N ...]`: one tenant's own limits.
 //! * `sidbooth train --model DIR --images DIR --class dog --captions FILE --output FILE`:
 //!   DreamBooth-LoRA fine-tuning on local photos (no service needed).
 //! * `sidbooth generate --model DIR [--lora FILE] --prompt TEXT --seed N`: sampling to PNGs with
@@ -54,6 +55,11 @@ enum Command {
         #[command(subcommand)]
         command: KeysCommand,
     },
+    /// Manage tenants.
+    Tenants {
+        #[command(subcommand)]
+        command: TenantsCommand,
+    },
     /// Fine-tune a model on a folder of photos (DreamBooth with LoRA) and write the LoRA file.
     Train(Box<train::TrainArgs>),
     /// Generate images from a model (optionally with a LoRA) into PNGs with their settings.
@@ -80,6 +86,30 @@ enum KeysCommand {
     Revoke {
         #[arg(long)]
         id: uuid::Uuid,
+        #[command(flatten)]
+        db: LocalDatabaseArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum TenantsCommand {
+    /// Set a tenant's own limits, replacing the configured defaults for it. A limit left out
+    /// goes back to the default; 0 is no limit. Prints the limits stored.
+    Limits {
+        #[arg(long)]
+        tenant: String,
+        /// Most queued jobs.
+        #[arg(long)]
+        max_queued_jobs: Option<u32>,
+        /// Most jobs running at once.
+        #[arg(long)]
+        max_running_jobs: Option<u32>,
+        /// Accelerator seconds (train, generate, evaluate) per UTC day.
+        #[arg(long)]
+        gpu_seconds_per_day: Option<f64>,
+        /// `POST /v1/jobs` requests per minute.
+        #[arg(long)]
+        job_posts_per_minute: Option<u32>,
         #[command(flatten)]
         db: LocalDatabaseArgs,
     },
@@ -118,10 +148,7 @@ impl LocalDatabaseArgs {
                 }
             }
         };
-        Ok(DatabaseArgs {
-            database_url,
-            db_max_connections: 2,
-        })
+        Ok(DatabaseArgs::new(database_url, 2))
     }
 }
 
@@ -157,6 +184,38 @@ async fn main() -> Result<()> {
             println!("migrations applied");
             Ok(())
         }
+        Command::Tenants { command } => match command {
+            TenantsCommand::Limits {
+                tenant,
+                max_queued_jobs,
+                max_running_jobs,
+                gpu_seconds_per_day,
+                job_posts_per_minute,
+                db,
+            } => {
+                let pool = sidbooth_core::db::connect(&db.resolve()?).await?;
+                let count = |v: Option<u32>| v.map(|n| i32::try_from(n).unwrap_or(i32::MAX));
+                let overrides = sidbooth_core::quotas::LimitOverrides {
+                    max_queued_jobs: count(max_queued_jobs),
+                    max_running_jobs: count(max_running_jobs),
+                    gpu_seconds_per_day: gpu_seconds_per_day.map(|s| s.max(0.0)),
+                    job_posts_per_minute: count(job_posts_per_minute),
+                };
+                match sidbooth_core::quotas::QuotaStore::new(pool)
+                    .set_overrides(&tenant, &overrides)
+                    .await
+                {
+                    Ok(_) => {
+                        println!("limits of tenant {tenant:?} (none: the default): {overrides:?}");
+                        Ok(())
+                    }
+                    Err(sidbooth_core::CoreError::NotFound) => {
+                        anyhow::bail!("no tenant {tenant:?} (keys create --tenant makes one)")
+                    }
+                    Err(e) => Err(e.into()),
+                }
+            }
+        },
         Command::Keys { command } => match command {
             KeysCommand::Create { tenant, db } => {
                 let pool = sidbooth_core::db::connect(&db.resolve()?).await?;

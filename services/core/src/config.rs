@@ -12,6 +12,23 @@ pub struct DatabaseArgs {
     /// Largest number of pooled connections.
     #[arg(long, env = "SIDBOOTH_DB_MAX_CONNECTIONS", default_value_t = 16)]
     pub db_max_connections: u32,
+    /// How long a request waits for a pooled connection, in seconds. While Postgres is down
+    /// this is how long the API takes to answer 503.
+    #[arg(long, env = "SIDBOOTH_DB_ACQUIRE_TIMEOUT_SECS", default_value_t = DatabaseArgs::DEFAULT_ACQUIRE_TIMEOUT_SECS)]
+    pub db_acquire_timeout_secs: f64,
+}
+
+impl DatabaseArgs {
+    pub const DEFAULT_ACQUIRE_TIMEOUT_SECS: f64 = 3.0;
+
+    /// Connection settings for `url` with the default pool settings.
+    pub fn new(url: impl Into<String>, max_connections: u32) -> Self {
+        Self {
+            database_url: url.into(),
+            db_max_connections: max_connections,
+            db_acquire_timeout_secs: Self::DEFAULT_ACQUIRE_TIMEOUT_SECS,
+        }
+    }
 }
 
 impl fmt::Debug for DatabaseArgs {
@@ -19,6 +36,7 @@ impl fmt::Debug for DatabaseArgs {
         f.debug_struct("DatabaseArgs")
             .field("database_url", &redact_url(&self.database_url))
             .field("db_max_connections", &self.db_max_connections)
+            .field("db_acquire_timeout_secs", &self.db_acquire_timeout_secs)
             .finish()
     }
 }
@@ -82,6 +100,11 @@ pub struct QueueSettings {
     /// Upper bound on the retry delay.
     #[arg(long, env = "SIDBOOTH_RETRY_MAX_SECS", default_value_t = 300.0)]
     pub retry_max_secs: f64,
+    /// Most jobs of one tenant running at once (a tenant's `tenant_limits` row may say
+    /// otherwise); its other jobs wait in the queue. 0: no limit. Workers claiming at the same
+    /// instant can pass it by one each.
+    #[arg(long, env = "SIDBOOTH_MAX_RUNNING_JOBS", default_value_t = 0)]
+    pub max_running_jobs: u32,
 }
 
 impl Default for QueueSettings {
@@ -93,6 +116,7 @@ impl Default for QueueSettings {
             max_attempts: 5,
             retry_base_secs: 2.0,
             retry_max_secs: 300.0,
+            max_running_jobs: 0,
         }
     }
 }
@@ -126,10 +150,7 @@ mod tests {
             "postgres://app:***@db:5432/x"
         );
         assert_eq!(redact_url("postgres://db:5432/x"), "postgres://db:5432/x");
-        let args = DatabaseArgs {
-            database_url: "postgres://a:secret@h/d".into(),
-            db_max_connections: 1,
-        };
+        let args = DatabaseArgs::new("postgres://a:secret@h/d", 1);
         assert!(!format!("{args:?}").contains("secret"));
     }
 

@@ -10,7 +10,9 @@ pub static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("../../migrations"
 pub async fn connect(args: &DatabaseArgs) -> Result<PgPool> {
     let pool = PgPoolOptions::new()
         .max_connections(args.db_max_connections)
-        .acquire_timeout(std::time::Duration::from_secs(10))
+        .acquire_timeout(std::time::Duration::from_secs_f64(
+            args.db_acquire_timeout_secs.max(0.1),
+        ))
         .connect(&args.database_url)
         .await?;
     Ok(pool)

@@ -6,7 +6,7 @@ use serde::Serialize;
 use sqlx::{PgExecutor, PgPool};
 use uuid::Uuid;
 
-use crate::error::Result;
+use crate::{error::Result, jobs::JOB_COLUMNS, webhooks, JobRecord};
 
 /// NOTIFY channel carrying `job_id` for every new event.
 pub const EVENTS_CHANNEL: &str = "sidbooth_job_events";
@@ -40,6 +40,87 @@ pub async fn record<'e>(
     .bind(EVENTS_CHANNEL)
     .execute(exec)
     .await?;
+    Ok(())
+}
+
+/// The data of a `status` event: where the job stands (what [`status_change`] writes in SQL).
+pub(crate) fn status_event(job: &JobRecord) -> serde_json::Value {
+    serde_json::json!({
+        "status": job.status,
+        "stage": job.stage,
+        "progress": job.progress,
+        "stages_done": job.stages_done,
+        "attempts": job.attempts,
+        "error": job.error,
+    })
+}
+
+/// One statement that changes a job and records the change: `head` yields the job's new row
+/// (an `UPDATE … RETURNING`, or a `SELECT` inside the transaction that changed it) as `j`; the
+/// statement also stores an event of `kind` with the job's standing and notifies listeners, and
+/// for a `status` event enqueues a webhook message for every endpoint of the tenant subscribed
+/// to `job.<status>`, with the row as it is now (the dispatcher renders it as
+/// `GET /v1/jobs/{id}` shows the job). It returns `j`'s columns.
+///
+/// Being one statement, it is atomic without a transaction and costs one round trip: a change
+/// that rolls back leaves no event and no message, one that commits cannot lose them.
+pub(crate) fn status_change(head: &str, kind: &'static str) -> String {
+    let webhooks = if kind == "status" { WEBHOOK_CTES } else { "" };
+    let notify_webhooks = if kind == "status" {
+        format!(
+            ", (SELECT count(*) FROM (SELECT pg_notify('{}', '') FROM d LIMIT 1) AS w)
+                 AS webhooks_notified",
+            webhooks::WEBHOOKS_CHANNEL
+        )
+    } else {
+        String::new()
+    };
+    format!(
+        "WITH j AS ({head}),
+         e AS (
+             INSERT INTO job_events (job_id, kind, data)
+             SELECT id, '{kind}', jsonb_build_object(
+                 'status', status, 'stage', stage, 'progress', progress,
+                 'stages_done', to_jsonb(stages_done), 'attempts', attempts, 'error', error)
+             FROM j
+             RETURNING job_id){webhooks}
+         SELECT j.*,
+                (SELECT count(*) FROM (SELECT pg_notify('{EVENTS_CHANNEL}', job_id::text) FROM e)
+                     AS n) AS events_notified{notify_webhooks}
+         FROM j"
+    )
+}
+
+/// The webhook part of [`status_change`]: the tenant's subscribed endpoints, one message with
+/// the row as it is now, one delivery per endpoint.
+const WEBHOOK_CTES: &str = ", targets AS (
+                 SELECT w.id AS endpoint_id, j.id AS job_id
+                 FROM webhook_endpoints w JOIN j ON w.tenant_id = j.tenant_id
+                 WHERE 'job.' || j.status = ANY(w.events)),
+             m AS (
+                 INSERT INTO webhook_messages (id, tenant_id, job_id, event_type, payload)
+                 SELECT 'msg_' || replace(gen_random_uuid()::text, '-', ''), j.tenant_id, j.id,
+                        'job.' || j.status,
+                        jsonb_build_object(
+                            'timestamp', now(),
+                            'row', to_jsonb(j),
+                            'images', (SELECT coalesce(jsonb_agg(file_name ORDER BY idx), '[]')
+                                       FROM job_images WHERE job_id = j.id))
+                 FROM j WHERE EXISTS (SELECT 1 FROM targets t WHERE t.job_id = j.id)
+                 RETURNING id, job_id),
+             d AS (
+                 INSERT INTO webhook_deliveries (message_id, endpoint_id)
+                 SELECT m.id, t.endpoint_id FROM m JOIN targets t ON t.job_id = m.job_id
+                 RETURNING 1)";
+
+/// Stores a `status` event for the job as it stands inside the current transaction (which
+/// made the change), with its webhook messages; see [`status_change`].
+pub async fn record_status<'e>(exec: impl PgExecutor<'e>, record: &JobRecord) -> Result<()> {
+    let sql = status_change(
+        &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"),
+        "status",
+    );
+    sqlx::query(&sql).bind(record.id).execute(exec).await?;
     Ok(())
 }
 

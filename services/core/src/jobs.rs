@@ -72,7 +72,8 @@ pub(crate) const JOB_COLUMNS: &str = "id, tenant_id, spec, status, stage, progre
     attempts, max_attempts, cancel_requested, error, warnings, image_count, run_after, \
     created_at, updated_at, finished_at";
 
-#[derive(sqlx::FromRow)]
+/// A `jobs` row as queries return it, or as `to_jsonb` of one (a webhook message's snapshot).
+#[derive(sqlx::FromRow, Deserialize)]
 pub(crate) struct JobRow {
     id: Uuid,
     tenant_id: Uuid,
@@ -133,17 +134,6 @@ impl TryFrom<JobRow> for JobRecord {
 }
 
 /// The event data of a status change, taken from the record after the change.
-pub(crate) fn status_event(job: &JobRecord) -> serde_json::Value {
-    serde_json::json!({
-        "status": job.status,
-        "stage": job.stage,
-        "progress": job.progress,
-        "stages_done": job.stages_done,
-        "attempts": job.attempts,
-        "error": job.error,
-    })
-}
-
 /// An uploaded image, already stored under `object_key`.
 #[derive(Debug, Clone)]
 pub struct NewImage {
@@ -415,7 +405,7 @@ impl JobStore {
             .await?;
         }
         let record = JobRecord::try_from(row)?;
-        events::record(&mut *tx, record.id, "status", status_event(&record)).await?;
+        events::record_status(&mut *tx, &record).await?;
         events::notify_queue(&mut *tx).await?;
         tx.commit().await?;
         Ok(Created::New(record))
@@ -702,7 +692,7 @@ impl JobStore {
         .fetch_one(&mut *tx)
         .await?;
         let record = JobRecord::try_from(row)?;
-        events::record(&mut *tx, id, "status", status_event(&record)).await?;
+        events::record_status(&mut *tx, &record).await?;
         events::notify_queue(&mut *tx).await?;
         tx.commit().await?;
         Ok(record)
@@ -732,12 +722,17 @@ impl JobStore {
         .fetch_one(&mut *tx)
         .await?;
         let record = JobRecord::try_from(row)?;
-        let kind = if record.status == JobStatus::Canceled {
-            "status"
+        if record.status == JobStatus::Canceled {
+            events::record_status(&mut *tx, &record).await?;
         } else {
-            "cancel_requested"
-        };
-        events::record(&mut *tx, id, kind, status_event(&record)).await?;
+            events::record(
+                &mut *tx,
+                id,
+                "cancel_requested",
+                events::status_event(&record),
+            )
+            .await?;
+        }
         tx.commit().await?;
         Ok(record)
     }

@@ -11,9 +11,12 @@ pub mod jobs;
 pub mod keys;
 pub mod multipart;
 pub mod queue;
+pub mod quotas;
+pub mod retention;
 pub mod storage;
 pub mod tenants;
 pub mod view;
+pub mod webhooks;
 
 pub use config::{DatabaseArgs, QueueSettings, StorageArgs};
 pub use error::CoreError;

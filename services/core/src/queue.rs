@@ -12,7 +12,11 @@
 use std::time::Duration;
 
 use sidbooth_domain::{report::MaskSource, Stage};
-use sqlx::{postgres::PgListener, PgPool, Postgres, Transaction};
+use sqlx::{
+    postgres::{PgArguments, PgListener},
+    query::QueryAs,
+    PgPool, Postgres, Transaction,
+};
 use uuid::Uuid;
 
 use crate::{
@@ -20,8 +24,8 @@ use crate::{
     error::{CoreError, Result},
     events,
     jobs::{
-        mask_source_str, status_event, JobError, JobRecord, JobRow, JobWarning, NewArtifact,
-        NewDescription, JOB_COLUMNS,
+        mask_source_str, JobError, JobRecord, JobRow, JobWarning, NewArtifact, NewDescription,
+        JOB_COLUMNS,
     },
 };
 
@@ -68,6 +72,16 @@ enum SetArg<'a> {
 
 const FENCE: &str = "id = $1 AND lease_epoch = $2 AND status = 'running'";
 
+/// A queued candidate `c` may start: its tenant runs fewer jobs than its limit
+/// (`tenant_limits`, else `$3`; 0 is none). A taken-over job whose worker died is not new work
+/// and is exempt.
+const UNDER_RUNNING_LIMIT: &str = "(
+    coalesce((SELECT max_running_jobs FROM tenant_limits l WHERE l.tenant_id = c.tenant_id), $3)
+        = 0
+    OR (SELECT count(*) FROM jobs r WHERE r.tenant_id = c.tenant_id AND r.status = 'running')
+        < coalesce((SELECT max_running_jobs FROM tenant_limits l WHERE l.tenant_id = c.tenant_id),
+                   $3))";
+
 impl Queue {
     pub fn new(pool: PgPool, settings: QueueSettings) -> Self {
         Self {
@@ -99,35 +113,38 @@ impl Queue {
     /// Claims the next job, or None when there is nothing to do.
     #[tracing::instrument(skip(self), fields(worker = %self.worker_id))]
     pub async fn claim(&self) -> Result<Option<Claimed>> {
-        let mut tx = self.pool.begin().await?;
-        let row: Option<ClaimRow> = sqlx::query_as(&format!(
-            "UPDATE jobs SET status = 'running', lease_owner = $1,
-                    lease_expires_at = now() + make_interval(secs => $2),
-                    lease_epoch = lease_epoch + 1, attempts = attempts + 1, updated_at = now()
-             WHERE id = (
-                 SELECT id FROM jobs
-                 WHERE (status = 'queued' AND run_after <= now())
-                    OR (status = 'running' AND lease_expires_at < now())
-                 ORDER BY run_after, id
-                 FOR UPDATE SKIP LOCKED
-                 LIMIT 1)
-             RETURNING {JOB_COLUMNS}, lease_epoch"
-        ))
-        .bind(self.worker_id)
-        .bind(self.settings.lease_secs)
-        .fetch_optional(&mut *tx)
-        .await?;
+        let sql = events::status_change(
+            &format!(
+                "UPDATE jobs SET status = 'running', lease_owner = $1,
+                        lease_expires_at = now() + make_interval(secs => $2),
+                        lease_epoch = lease_epoch + 1, attempts = attempts + 1, updated_at = now()
+                 WHERE id = (
+                     SELECT id FROM jobs c
+                     WHERE (status = 'queued' AND run_after <= now() AND {UNDER_RUNNING_LIMIT})
+                        OR (status = 'running' AND lease_expires_at < now())
+                     ORDER BY run_after, id
+                     FOR UPDATE SKIP LOCKED
+                     LIMIT 1)
+                 RETURNING {JOB_COLUMNS}, lease_epoch"
+            ),
+            "status",
+        );
+        // One statement claims the job and records its status event and webhook messages: no
+        // transaction to open and commit around it.
+        let row: Option<ClaimRow> = sqlx::query_as(&sql)
+            .bind(self.worker_id)
+            .bind(self.settings.lease_secs)
+            .bind(self.settings.max_running_jobs as i32)
+            .fetch_optional(&self.pool)
+            .await?;
         let Some(ClaimRow {
             job,
             lease_epoch: epoch,
         }) = row
         else {
-            tx.rollback().await?;
             return Ok(None);
         };
         let job = JobRecord::try_from(job)?;
-        events::record(&mut *tx, job.id, "status", status_event(&job)).await?;
-        tx.commit().await?;
         Ok(Some(Claimed {
             lease: Lease {
                 job_id: job.id,
@@ -155,35 +172,36 @@ impl Queue {
             .ok_or(CoreError::LeaseLost)
     }
 
-    /// Runs a fenced update of the job row and records the resulting status event.
+    /// Runs a fenced update of the job row and records the resulting event, in one statement.
     async fn transition(
         &self,
         lease: &Lease,
         set: &'static str,
         bind_error: Option<&JobError>,
         args: &[SetArg<'_>],
-        event_kind: &str,
+        event_kind: &'static str,
     ) -> Result<JobRecord> {
-        let mut tx = self.pool.begin().await?;
-        let record = Self::transition_in(&mut tx, lease, set, bind_error, args).await?;
-        events::record(&mut *tx, lease.job_id, event_kind, status_event(&record)).await?;
-        tx.commit().await?;
-        Ok(record)
+        let sql = events::status_change(&Self::fenced_update(set), event_kind);
+        let row: Option<JobRow> =
+            Self::bind_transition(sqlx::query_as(&sql), lease, bind_error, args)?
+                .fetch_optional(&self.pool)
+                .await?;
+        row.ok_or(CoreError::LeaseLost)?.try_into()
     }
 
     /// `set` is a fixed SQL fragment: `$1`, `$2` are the fence's, `$3` the error, `$4`… the
     /// `args` in order; every value is bound, none is spliced into the text.
-    async fn transition_in(
-        tx: &mut Transaction<'_, Postgres>,
+    fn fenced_update(set: &str) -> String {
+        format!("UPDATE jobs SET {set}, updated_at = now() WHERE {FENCE} RETURNING {JOB_COLUMNS}")
+    }
+
+    fn bind_transition<'q>(
+        query: QueryAs<'q, Postgres, JobRow, PgArguments>,
         lease: &Lease,
-        set: &'static str,
         bind_error: Option<&JobError>,
-        args: &[SetArg<'_>],
-    ) -> Result<JobRecord> {
-        let sql = format!(
-            "UPDATE jobs SET {set}, updated_at = now() WHERE {FENCE} RETURNING {JOB_COLUMNS}"
-        );
-        let mut query = sqlx::query_as::<_, JobRow>(&sql)
+        args: &[SetArg<'q>],
+    ) -> Result<QueryAs<'q, Postgres, JobRow, PgArguments>> {
+        let mut query = query
             .bind(lease.job_id)
             .bind(lease.epoch)
             .bind(bind_error.map(serde_json::to_value).transpose()?);
@@ -193,7 +211,22 @@ impl Queue {
                 SetArg::Seconds(secs) => query.bind(secs),
             };
         }
-        let row: Option<JobRow> = query.fetch_optional(&mut **tx).await?;
+        Ok(query)
+    }
+
+    /// A fenced update inside a transaction that records its own event.
+    async fn transition_in(
+        tx: &mut Transaction<'_, Postgres>,
+        lease: &Lease,
+        set: &'static str,
+        bind_error: Option<&JobError>,
+        args: &[SetArg<'_>],
+    ) -> Result<JobRecord> {
+        let sql = Self::fenced_update(set);
+        let row: Option<JobRow> =
+            Self::bind_transition(sqlx::query_as(&sql), lease, bind_error, args)?
+                .fetch_optional(&mut **tx)
+                .await?;
         row.ok_or(CoreError::LeaseLost)?.try_into()
     }
 
@@ -351,9 +384,16 @@ impl Queue {
             &[SetArg::Seconds(delay.as_secs_f64())],
         )
         .await?;
-        events::record(&mut *tx, lease.job_id, "status", status_event(&record)).await?;
+        events::record_status(&mut *tx, &record).await?;
         tx.commit().await?;
         Ok(RetryDecision::RetryAfter(delay))
+    }
+
+    /// Adds a stage's accelerator seconds to the tenant's daily count (quotas).
+    pub async fn add_gpu_seconds(&self, lease: &Lease, seconds: f64) -> Result<()> {
+        crate::quotas::QuotaStore::new(self.pool.clone())
+            .add_gpu_seconds(lease.tenant_id, seconds)
+            .await
     }
 
     /// Gives a job back without counting a failed try (graceful shutdown): another worker can

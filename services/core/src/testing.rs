@@ -126,3 +126,191 @@ impl TestStorage {
         self.store.list("").await.expect("list objects")
     }
 }
+
+/// A Postgres server of a test's own, on a free port and a temporary folder, which the test may
+/// stop and start (outages). Needs `initdb` and `pg_ctl` on PATH (or in SIDBOOTH_PG_BIN); as
+/// root they run as the `postgres` user, since Postgres refuses to run as root. The server is
+/// stopped when the value is dropped.
+pub struct PgCluster {
+    pub port: u16,
+    dir: tempfile::TempDir,
+    as_postgres: bool,
+}
+
+impl PgCluster {
+    fn tool(name: &str) -> std::path::PathBuf {
+        match std::env::var_os("SIDBOOTH_PG_BIN") {
+            Some(dir) => std::path::PathBuf::from(dir).join(name),
+            None => std::path::PathBuf::from(name),
+        }
+    }
+
+    fn run(&self, tool: &str, args: &[&str]) -> std::io::Result<std::process::Output> {
+        let mut command = if self.as_postgres {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--"]).arg(Self::tool(tool));
+            c
+        } else {
+            std::process::Command::new(Self::tool(tool))
+        };
+        command
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+    }
+
+    fn check(&self, tool: &str, args: &[&str]) {
+        let out = self
+            .run(tool, args)
+            .unwrap_or_else(|e| panic!("running {tool} (install PostgreSQL's server tools): {e}"));
+        assert!(
+            out.status.success(),
+            "{tool} {args:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// Makes and starts the server.
+    pub fn start() -> Self {
+        let as_postgres = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).trim() == "0");
+        let dir = tempfile::Builder::new()
+            .prefix("sidbooth-pg-")
+            .tempdir()
+            .expect("temp dir");
+        if as_postgres {
+            let _ = std::process::Command::new("chown")
+                .args(["-R", "postgres"])
+                .arg(dir.path())
+                .status();
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let cluster = Self {
+            port,
+            dir,
+            as_postgres,
+        };
+        let data = cluster.data();
+        cluster.check(
+            "initdb",
+            &["-D", &data, "-A", "trust", "-U", "postgres", "--no-sync"],
+        );
+        cluster.start_again();
+        cluster
+    }
+
+    fn data(&self) -> String {
+        self.dir.path().join("data").display().to_string()
+    }
+
+    /// `postgres://postgres@127.0.0.1:PORT/postgres`.
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Starts the stopped server and waits until it accepts connections.
+    pub fn start_again(&self) {
+        let options = format!(
+            "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+            self.port,
+            self.dir.path().display()
+        );
+        let log = self.dir.path().join("log").display().to_string();
+        self.check(
+            "pg_ctl",
+            &[
+                "-D",
+                &self.data(),
+                "-o",
+                &options,
+                "-l",
+                &log,
+                "-w",
+                "start",
+            ],
+        );
+    }
+
+    /// Stops the server (fast: open connections are cut, as when a server goes down).
+    pub fn stop(&self) {
+        self.check("pg_ctl", &["-D", &self.data(), "-m", "fast", "-w", "stop"]);
+    }
+}
+
+impl Drop for PgCluster {
+    fn drop(&mut self) {
+        let _ = self.run(
+            "pg_ctl",
+            &["-D", &self.data(), "-m", "immediate", "-w", "stop"],
+        );
+    }
+}
+
+/// A TCP forwarder in front of a server (storage, say) that a test can cut: while cut, open
+/// connections are dropped and new ones are closed as soon as they are accepted, so the server
+/// looks unreachable on the same address; after [`TcpProxy::restore`] it forwards again.
+pub struct TcpProxy {
+    pub addr: SocketAddr,
+    cut: std::sync::Arc<tokio::sync::watch::Sender<bool>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl TcpProxy {
+    pub async fn start(target: SocketAddr) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a proxy");
+        let addr = listener.local_addr().expect("an address");
+        let (cut, _) = tokio::sync::watch::channel(false);
+        let cut = std::sync::Arc::new(cut);
+        let task = tokio::spawn({
+            let cut = cut.clone();
+            async move {
+                while let Ok((inbound, _)) = listener.accept().await {
+                    if *cut.borrow() {
+                        drop(inbound);
+                        continue;
+                    }
+                    let mut cut_seen = cut.subscribe();
+                    tokio::spawn(async move {
+                        let Ok(outbound) = tokio::net::TcpStream::connect(target).await else {
+                            return;
+                        };
+                        let (mut a, mut b) = (inbound, outbound);
+                        tokio::select! {
+                            _ = tokio::io::copy_bidirectional(&mut a, &mut b) => {}
+                            _ = cut_seen.wait_for(|c| *c) => {}
+                        }
+                    });
+                }
+            }
+        });
+        Self { addr, cut, task }
+    }
+
+    /// `http://ADDR`, for HTTP servers behind the proxy.
+    pub fn http_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    pub fn restore(&self) {
+        self.cut.send_replace(false);
+    }
+}
+
+impl Drop for TcpProxy {
+    fn drop(&mut self) {
+        self.cut.send_replace(true);
+        self.task.abort();
+    }
+}

@@ -401,3 +401,54 @@ async fn review_edit_and_approve() {
         "describe is not redone after approval"
     );
 }
+
+#[tokio::test]
+async fn a_tenant_at_its_running_limit_waits_while_others_run() {
+    let db = TestDb::new().await;
+    let store = JobStore::new(db.pool.clone());
+    let busy = tenant(&db, "busy").await;
+    let other = tenant(&db, "other").await;
+    let first = create(&store, new_job(busy, 1, None, b"1")).await;
+    let second = create(&store, new_job(busy, 1, None, b"2")).await;
+    let theirs = create(&store, new_job(other, 1, None, b"3")).await;
+    // One at a time for every tenant by default; `busy` keeps that, `other` may run two.
+    let queue = Queue::new(
+        db.pool.clone(),
+        QueueSettings {
+            max_running_jobs: 1,
+            ..fast_settings()
+        },
+    );
+    sidbooth_core::quotas::QuotaStore::new(db.pool.clone())
+        .set_overrides(
+            "other",
+            &sidbooth_core::quotas::LimitOverrides {
+                max_running_jobs: Some(2),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+    let extra = create(&store, new_job(other, 1, None, b"4")).await;
+
+    let a = queue.claim().await.unwrap().unwrap();
+    assert_eq!(a.job.id, first);
+    let b = queue.claim().await.unwrap().unwrap();
+    assert_eq!(
+        b.job.id, theirs,
+        "busy's second job waits; other's goes ahead"
+    );
+    let c = queue.claim().await.unwrap().unwrap();
+    assert_eq!(c.job.id, extra, "other's own limit is 2");
+    assert!(
+        queue.claim().await.unwrap().is_none(),
+        "everyone is at the limit"
+    );
+
+    queue.succeed(&a.lease).await.unwrap();
+    let d = queue.claim().await.unwrap().unwrap();
+    assert_eq!(
+        d.job.id, second,
+        "busy's next job starts once its first ended"
+    );
+}

@@ -61,6 +61,10 @@ impl EmbeddedS3 {
         })
     }
 
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
     pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }

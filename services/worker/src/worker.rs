@@ -366,6 +366,16 @@ async fn drive(
             Err(e) => e.outcome(),
         };
         record_duration(stage, outcome, started);
+        if uses_accelerator(stage) {
+            // Counted whatever the outcome: a failed try used the device too.
+            if let Err(e) = ctx
+                .queue
+                .add_gpu_seconds(&lease, started.elapsed().as_secs_f64())
+                .await
+            {
+                tracing::warn!(error = %e, "could not count the stage's accelerator time");
+            }
+        }
         let _enter = span.enter();
         tracing::info!(
             outcome,
@@ -416,6 +426,11 @@ async fn guarded<T>(
         _ = stop.cancelled() => Err(StageError::Interrupted),
         r = work => r,
     }
+}
+
+/// The stages that run the model, whose time counts against a tenant's daily seconds.
+fn uses_accelerator(stage: Stage) -> bool {
+    matches!(stage, Stage::Train | Stage::Generate | Stage::Evaluate)
 }
 
 fn record_duration(stage: Stage, outcome: &'static str, started: Instant) {

@@ -119,6 +119,13 @@ async fn killed_mid_training_resumes(train: serde_json::Value, marker: &str) {
     let blobs = work.iter().filter(|k| k.contains("/work/b-")).count();
     assert_eq!(blobs, 3, "{work:#?}");
     assert!(!work.iter().any(|k| k.ends_with(".upload")), "{work:#?}");
+
+    // Training counted against the tenant's accelerator seconds of the day.
+    let (_, usage) = sidbooth_core::quotas::QuotaStore::new(env.db.pool.clone())
+        .standing(env.tenant)
+        .await
+        .unwrap();
+    assert!(usage.gpu_seconds_today > 0.0, "{usage:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

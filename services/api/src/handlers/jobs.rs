@@ -17,6 +17,7 @@ use crate::{
     error::{ApiError, Problem},
     handlers::JobId,
     model::{job_path, CreateJobForm, Job, JobList},
+    quota,
     state::AppState,
     upload::{self, CheckedImage, Upload},
 };
@@ -89,6 +90,9 @@ fn job_response(status: StatusCode, job: Job, replayed: bool) -> Response {
         (status = 413, description = "A file or the request is too large", body = Problem, content_type = "application/problem+json"),
         (status = 415, description = "A file is not a JPEG, PNG or WebP image", body = Problem, content_type = "application/problem+json"),
         (status = 422, description = "Invalid spec, images or descriptions", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "Over the tenant's submission rate, queued jobs or daily accelerator seconds",
+            body = Problem, content_type = "application/problem+json",
+            headers(("Retry-After" = u64, description = "Seconds until trying again is worth it"))),
     ),
     security(("bearer" = []))
 )]
@@ -109,6 +113,19 @@ pub async fn create(
         });
     }
     let idempotency_key = idempotency_key(&headers)?;
+    // A retry of a request that made its job is answered with that job below, whatever the
+    // limits say now; anything else must pass them before its upload is read.
+    let replay = match &idempotency_key {
+        Some(key) => state
+            .jobs()
+            .find_by_idempotency_key(tenant, key)
+            .await?
+            .is_some(),
+        None => false,
+    };
+    if !replay {
+        quota::admit_job(&state, tenant).await?;
+    }
     let multipart = multipart.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
     let raw = upload::read(multipart, &limits).await?;
     let upload = tokio::task::spawn_blocking(move || upload::check(raw, &limits))

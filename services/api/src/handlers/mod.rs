@@ -7,6 +7,8 @@ pub mod jobs;
 pub mod masks;
 pub mod ops;
 pub mod report;
+pub mod usage;
+pub mod webhooks;
 
 use axum::{
     extract::{FromRequestParts, Path},
