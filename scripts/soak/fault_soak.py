@@ -369,20 +369,23 @@ def soak(args, folder, logs, binary, processes, started, pg):
 
     def submit(i):
         while True:
+            at = phase["name"]
             status, headers, raw = client.request(
                 "POST", "/v1/jobs", body,
                 {"Content-Type": content_type, "Idempotency-Key": f"soak-{i}"},
             )
             if status in (200, 202):
                 return json.loads(raw)["id"]
-            answers[(phase["name"], status, problem_type(raw))] += 1
+            answers[(at, status, problem_type(raw))] += 1
             time.sleep(1.0)
 
     def poller():
         while not stop.is_set():
             for job_id in list(job_ids):
+                # The phase when the request left: an answer can take the acquire timeout.
+                at = phase["name"]
                 status, _, raw = client.request("GET", f"/v1/jobs/{job_id}", timeout=15)
-                answers[(phase["name"], status, problem_type(raw))] += 1
+                answers[(at, status, problem_type(raw))] += 1
             time.sleep(1.0)
 
     log(f"submitting {args.jobs} jobs")
@@ -411,7 +414,7 @@ def soak(args, folder, logs, binary, processes, started, pg):
                     phase["name"] = "postgres down"
                     log("chaos: restarting Postgres")
                     pg.stop("fast")
-                    time.sleep(3)
+                    time.sleep(5)
                     pg.start()
                     phase["name"] = "normal"
                 else:
@@ -517,6 +520,7 @@ def report(pg, s3_dir, job_ids, statuses, receiver, answers, seen, faults, start
     print(f"  jobs succeeded / failed:           {len(succeeded)} / {len(failed)}")
     for row in failed:
         print(f"    {row[0]}: {row[1]} {row[2]} {row[3][:160]}")
+    print(f"  objects in storage / referenced:   {len(stored)} / {len(referenced)}")
     print(f"  artifacts missing in storage:      {len(missing)}")
     print(f"  objects referenced twice:          {len(duplicated)}")
     print(f"  orphaned objects:                  {len(orphaned)}")

@@ -314,3 +314,32 @@ impl Drop for TcpProxy {
         self.task.abort();
     }
 }
+
+/// A new dog job of `tenant` with one image per file name (objects under the job's input
+/// keys, which the caller stores if it needs them).
+pub fn new_job(tenant: Uuid, file_names: &[&str]) -> crate::NewJob {
+    let id = Uuid::now_v7();
+    crate::NewJob {
+        id,
+        tenant_id: tenant,
+        spec: serde_json::from_value(serde_json::json!({"subject_class": "dog"}))
+            .expect("a valid spec"),
+        images: file_names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| crate::NewImage {
+                file_name: (*name).to_owned(),
+                object_key: crate::keys::input(tenant, id, i, name),
+                content_type: "image/jpeg".into(),
+                sha256: "00".into(),
+                width: 8,
+                height: 8,
+                bytes: 5,
+                mask_object_key: None,
+            })
+            .collect(),
+        idempotency_key: None,
+        request_hash: vec![0],
+        max_attempts: 3,
+    }
+}

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use sidbooth_core::{
-    jobs::{Created, NewImage, NewJob},
+    jobs::Created,
     keys,
     retention::{Sweeper, Swept},
     tenants,
@@ -15,41 +15,18 @@ use sidbooth_core::{
 use uuid::Uuid;
 
 async fn job_with_objects(db: &TestDb, storage: &TestStorage, tenant: Uuid) -> Uuid {
-    let id = Uuid::now_v7();
-    let input = keys::input(tenant, id, 0, "dog.jpg");
-    storage
-        .store
-        .put(&input, Bytes::from_static(b"photo"), "image/jpeg")
-        .await
-        .unwrap();
-    storage
-        .store
-        .put(
-            &keys::artifact(tenant, id, "images/0.png"),
-            Bytes::from_static(b"png"),
-            "image/png",
-        )
-        .await
-        .unwrap();
-    let spec = serde_json::from_value(serde_json::json!({"subject_class": "dog"})).unwrap();
-    let job = NewJob {
-        id,
-        tenant_id: tenant,
-        spec,
-        images: vec![NewImage {
-            file_name: "dog.jpg".into(),
-            object_key: input,
-            content_type: "image/jpeg".into(),
-            sha256: "00".into(),
-            width: 8,
-            height: 8,
-            bytes: 5,
-            mask_object_key: None,
-        }],
-        idempotency_key: None,
-        request_hash: vec![0],
-        max_attempts: 3,
-    };
+    let job = sidbooth_core::testing::new_job(tenant, &["dog.jpg"]);
+    let id = job.id;
+    for (key, content_type) in [
+        (job.images[0].object_key.clone(), "image/jpeg"),
+        (keys::artifact(tenant, id, "images/0.png"), "image/png"),
+    ] {
+        storage
+            .store
+            .put(&key, Bytes::from_static(b"bytes"), content_type)
+            .await
+            .unwrap();
+    }
     match JobStore::new(db.pool.clone()).create(job).await.unwrap() {
         Created::New(j) => j.id,
         Created::Existing(_) => panic!("a new job"),

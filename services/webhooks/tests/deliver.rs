@@ -4,13 +4,12 @@ use std::time::Duration;
 
 use sidbooth_core::{
     events,
-    jobs::{Created, NewImage, NewJob},
+    jobs::Created,
     tenants,
     testing::TestDb,
     webhooks::{event_types, DeliveryStatus, NewEndpoint, WebhookStore},
     JobStore,
 };
-use sidbooth_domain::JobSpec;
 use sidbooth_webhooks::{sign, testing::Receiver, Dispatcher, WebhookSettings};
 use uuid::Uuid;
 
@@ -31,29 +30,7 @@ fn settings() -> WebhookSettings {
 }
 
 async fn new_job(db: &TestDb, tenant: Uuid) -> Uuid {
-    let id = Uuid::now_v7();
-    let spec: JobSpec =
-        serde_json::from_value(serde_json::json!({"subject_class": "dog"})).unwrap();
-    let job = NewJob {
-        id,
-        tenant_id: tenant,
-        spec,
-        images: (0..2)
-            .map(|i| NewImage {
-                file_name: format!("dog-{i}.jpg"),
-                object_key: format!("k/{id}/{i}"),
-                content_type: "image/jpeg".into(),
-                sha256: "00".into(),
-                width: 8,
-                height: 8,
-                bytes: 10,
-                mask_object_key: None,
-            })
-            .collect(),
-        idempotency_key: None,
-        request_hash: vec![0],
-        max_attempts: 3,
-    };
+    let job = sidbooth_core::testing::new_job(tenant, &["dog-0.jpg", "dog-1.jpg"]);
     match JobStore::new(db.pool.clone()).create(job).await.unwrap() {
         Created::New(j) => j.id,
         Created::Existing(_) => panic!("a new job"),

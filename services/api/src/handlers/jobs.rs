@@ -345,14 +345,7 @@ pub async fn list(
     // A query string that does not parse (a repeated parameter, bad percent-encoding) is a
     // problem like any other bad input, not axum's plain-text rejection.
     let Query(params) = params.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
-    let limit = match params.limit.as_deref() {
-        None => 20,
-        Some(raw) => raw
-            .parse::<u32>()
-            .ok()
-            .filter(|n| (1..=100).contains(n))
-            .ok_or_else(|| ApiError::InvalidRequest("limit must be 1 to 100".into()))?,
-    };
+    let limit = super::page_limit(params.limit.as_deref(), 20)?;
     let cursor = params
         .cursor
         .as_deref()

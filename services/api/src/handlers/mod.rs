@@ -34,3 +34,15 @@ impl<S: Send + Sync> FromRequestParts<S> for JobId {
         Ok(JobId(id))
     }
 }
+
+/// A page's `limit` query parameter: 1 to 100, `default` when absent.
+pub(crate) fn page_limit(raw: Option<&str>, default: u32) -> Result<u32, ApiError> {
+    match raw {
+        None => Ok(default),
+        Some(raw) => raw
+            .parse::<u32>()
+            .ok()
+            .filter(|n| (1..=100).contains(n))
+            .ok_or_else(|| ApiError::InvalidRequest("limit must be 1 to 100".into())),
+    }
+}

@@ -209,17 +209,10 @@ pub async fn deliveries(
 ) -> Result<Json<Deliveries>, ApiError> {
     let id = endpoint_id(id)?;
     let Query(params) = params.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
-    let limit = match params.limit.as_deref() {
-        None => 50,
-        Some(raw) => raw
-            .parse::<i64>()
-            .ok()
-            .filter(|n| (1..=100).contains(n))
-            .ok_or_else(|| ApiError::InvalidRequest("limit must be 1 to 100".into()))?,
-    };
+    let limit = super::page_limit(params.limit.as_deref(), 50)?;
     let deliveries = state
         .webhooks()
-        .deliveries(tenant, id, limit)
+        .deliveries(tenant, id, i64::from(limit))
         .await
         .map_err(not_found_is_webhook)?;
     Ok(Json(Deliveries {
