@@ -21,11 +21,11 @@ pub struct JobList {
 #[derive(ToSchema)]
 #[allow(dead_code)]
 pub struct CreateJobForm {
-    /// The job spec as JSON (`JobSpec`).
-    #[schema(value_type = String, content_media_type = "application/json")]
+    /// The job spec, a JSON object (`JobSpec`), sent as a part of type `application/json`.
+    #[schema(value_type = sidbooth_domain::JobSpec)]
     pub spec: String,
     /// 1 to 7 photos, JPEG, PNG or WebP, each at most 20 MiB.
-    #[schema(value_type = Vec<String>, format = Binary, content_media_type = "application/octet-stream")]
+    #[schema(value_type = Vec<String>, format = Binary, content_media_type = "application/octet-stream", min_items = 1, max_items = 7)]
     pub images: Vec<Vec<u8>>,
     /// Optional subject masks: none, or one PNG per photo named with its photo's file stem
     /// (`00.png` for `00.jpg`), white = subject, black = the rest, the photo's shape (any
@@ -129,6 +129,8 @@ pub struct EditDescriptions {
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DescriptionEdit {
+    /// The image's position in upload order (JSON Schema's integer: `2.0` counts too).
+    #[serde(deserialize_with = "integral")]
     pub index: u32,
     pub text: String,
 }
@@ -330,4 +332,33 @@ pub struct TenantUsage {
 pub struct UsageBody {
     pub limits: TenantLimits,
     pub usage: TenantUsage,
+}
+
+/// A `u32` that JSON may write as an integral float (`3.0`), which JSON Schema calls an
+/// integer too, so every value the document allows is accepted.
+fn integral<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let n = f64::deserialize(d)?;
+    if n.fract() == 0.0 && (0.0..=u32::MAX as f64).contains(&n) {
+        Ok(n as u32)
+    } else {
+        Err(serde::de::Error::custom(format!(
+            "expected a whole number from 0 to {}, got {n}",
+            u32::MAX
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_index_may_be_written_as_an_integral_float() {
+        let parse = |json: &str| serde_json::from_str::<DescriptionEdit>(json).map(|e| e.index);
+        assert_eq!(parse(r#"{"index": 2, "text": "t"}"#).unwrap(), 2);
+        assert_eq!(parse(r#"{"index": 2.0, "text": "t"}"#).unwrap(), 2);
+        for bad in ["2.5", "-1", "4294967296", "\"2\""] {
+            assert!(parse(&format!(r#"{{"index": {bad}, "text": "t"}}"#)).is_err(), "{bad}");
+        }
+    }
 }

@@ -36,7 +36,7 @@ use crate::{
     tag = "jobs",
     params(
         ("id" = Uuid, Path, description = "Job id"),
-        ("Last-Event-ID" = Option<i64>, Header, description = "Resume after this event id"),
+        ("Last-Event-ID" = Option<u64>, Header, nullable = false, description = "Resume after this event id"),
         ("token" = Option<String>, Query, description = "From a signed events URL; stands in for the API key"),
     ),
     responses(

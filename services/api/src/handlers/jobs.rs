@@ -73,8 +73,9 @@ fn job_response(status: StatusCode, job: Job, replayed: bool) -> Response {
     tag = "jobs",
     request_body(content = CreateJobForm, content_type = "multipart/form-data"),
     params(
-        ("Idempotency-Key" = Option<String>, Header,
-            description = "Makes retries safe: the same key and request give the same job."),
+        ("Idempotency-Key" = Option<String>, Header, nullable = false, min_length = 1, max_length = 255,
+            pattern = "^[!-~]{1,255}$",
+            description = "Makes retries safe: the same key and request give the same job. 1 to 255 visible ASCII characters."),
     ),
     responses(
         (status = 202, description = "Job accepted and queued", body = Job,
@@ -317,6 +318,7 @@ pub struct ListParams {
     #[param(value_type = Option<u32>, minimum = 1, maximum = 100)]
     pub limit: Option<String>,
     /// The `next_cursor` of the previous page.
+    #[param(value_type = Option<Uuid>)]
     pub cursor: Option<String>,
     /// Only jobs with this status.
     #[param(value_type = Option<JobStatus>)]
