@@ -24,7 +24,11 @@ if [ ! -d "$GRAPHILE_DIR/node_modules/graphile-worker" ]; then
 fi
 cp scripts/bench/graphile_noop.mjs "$GRAPHILE_DIR/"
 
-cargo build -q -p sidbooth-worker --example bench_queue
+# The queue's own crates optimised, as in a release build (their dependencies already are).
+cargo build -q -p sidbooth-worker --example bench_queue \
+  --config 'profile.dev.package.sidbooth-core.opt-level=3' \
+  --config 'profile.dev.package.sidbooth-domain.opt-level=3' \
+  --config 'profile.dev.package.sidbooth-worker.opt-level=3'
 OURS=target/debug/examples/bench_queue
 
 declare -A ours_rates graphile_rates
