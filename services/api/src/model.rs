@@ -18,7 +18,9 @@ pub struct JobList {
 }
 
 /// The multipart body of `POST /v1/jobs` (for documentation; parts are read as a stream).
-#[derive(ToSchema)]
+/// Any other part is refused, which `deny_unknown_fields` tells the document.
+#[derive(ToSchema, Deserialize)]
+#[serde(deny_unknown_fields)]
 #[allow(dead_code)]
 pub struct CreateJobForm {
     /// The job spec, a JSON object (`JobSpec`), sent as a part of type `application/json`.
@@ -358,7 +360,10 @@ mod tests {
         assert_eq!(parse(r#"{"index": 2, "text": "t"}"#).unwrap(), 2);
         assert_eq!(parse(r#"{"index": 2.0, "text": "t"}"#).unwrap(), 2);
         for bad in ["2.5", "-1", "4294967296", "\"2\""] {
-            assert!(parse(&format!(r#"{{"index": {bad}, "text": "t"}}"#)).is_err(), "{bad}");
+            assert!(
+                parse(&format!(r#"{{"index": {bad}, "text": "t"}}"#)).is_err(),
+                "{bad}"
+            );
         }
     }
 }

@@ -270,6 +270,7 @@ pub struct JobSpec {
     pub review: bool,
     /// The stages to run, in any order; they always run in pipeline order.
     #[serde(default = "default_stages")]
+    #[schema(min_items = 1)]
     pub stages: Vec<Stage>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub train: Option<TrainSettings>,
