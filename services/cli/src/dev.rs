@@ -34,6 +34,15 @@ pub struct DevArgs {
     /// Address of the API.
     #[arg(long, env = "SIDBOOTH_API_BIND", default_value = "127.0.0.1:8080")]
     bind: SocketAddr,
+    /// Origins of pages that may call the API from a browser (CORS), comma-separated, e.g.
+    /// `http://localhost:5173` for a frontend's dev server.
+    #[arg(
+        long,
+        env = "SIDBOOTH_CORS_ALLOWED_ORIGINS",
+        value_delimiter = ',',
+        value_parser = sidbooth_api::config::parse_origin
+    )]
+    cors_allowed_origins: Vec<String>,
     /// Worker settings; the API shares its queue settings.
     #[command(flatten)]
     worker: sidbooth_worker::WorkerConfig,
@@ -88,6 +97,7 @@ pub async fn run(mut args: DevArgs) -> Result<()> {
     let api_config = sidbooth_api::ApiConfig {
         bind: args.bind,
         queue: args.worker.queue.clone(),
+        cors_allowed_origins: args.cors_allowed_origins.clone(),
         // A dev stack's webhooks go to receivers on this machine.
         webhooks: sidbooth_api::config::WebhookSettings {
             allow_private_targets: true,

@@ -480,6 +480,11 @@ fn bad_arguments_fail_clearly() {
         a.extend_from_slice(extra);
         sidbooth(&a, dir)
     };
+    // A dev stack refuses a CORS origin that is not one, before it starts anything.
+    fails_with(
+        sidbooth(&["dev", "--cors-allowed-origins", "app.example.com"], dir),
+        "is not an origin like https://app.example.com",
+    );
     let generate = |extra: &[&str]| {
         let mut a = vec!["generate", "--tiny", "1", "--steps", "1"];
         a.extend_from_slice(extra);
