@@ -6,12 +6,14 @@ use serde::Serialize;
 use sqlx::{PgExecutor, PgPool};
 use uuid::Uuid;
 
-use crate::{error::Result, jobs::JOB_COLUMNS, webhooks, JobRecord};
+use crate::{columns::JOB_COLUMNS, error::Result, JobRecord};
 
 /// NOTIFY channel carrying `job_id` for every new event.
 pub const EVENTS_CHANNEL: &str = "sidbooth_job_events";
 /// NOTIFY channel that wakes idle workers when a job becomes claimable.
 pub const QUEUE_CHANNEL: &str = "sidbooth_jobs";
+/// NOTIFY channel that wakes webhook dispatchers when a delivery is enqueued.
+pub const WEBHOOKS_CHANNEL: &str = "sidbooth_webhooks";
 
 #[derive(Debug, Clone, Serialize, sqlx::FromRow)]
 pub struct JobEvent {
@@ -70,7 +72,7 @@ pub(crate) fn status_change(head: &str, kind: &'static str) -> String {
         format!(
             ", (SELECT count(*) FROM (SELECT pg_notify('{}', '') FROM d LIMIT 1) AS w)
                  AS webhooks_notified",
-            webhooks::WEBHOOKS_CHANNEL
+            WEBHOOKS_CHANNEL
         )
     } else {
         String::new()

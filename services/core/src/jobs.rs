@@ -10,6 +10,7 @@ use sqlx::{PgPool, Postgres, Transaction};
 use uuid::Uuid;
 
 use crate::{
+    columns::JOB_COLUMNS,
     error::{CoreError, Result},
     events::{self, JobEvent},
 };
@@ -66,11 +67,6 @@ pub struct JobWarning {
     pub message: String,
     pub stage: Stage,
 }
-
-/// The columns of `jobs` that make a [`JobRecord`], for every query that returns one.
-pub(crate) const JOB_COLUMNS: &str = "id, tenant_id, spec, status, stage, progress, stages_done, \
-    attempts, max_attempts, cancel_requested, error, warnings, image_count, run_after, \
-    created_at, updated_at, finished_at";
 
 /// A `jobs` row as queries return it, or as `to_jsonb` of one (a webhook message's snapshot).
 #[derive(sqlx::FromRow, Deserialize)]

@@ -3,6 +3,7 @@
 //!
 //! Everything here is async I/O on sqlx and aws-sdk-s3; nothing knows about axum or candle.
 
+mod columns;
 pub mod config;
 pub mod db;
 pub mod error;

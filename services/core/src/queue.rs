@@ -20,13 +20,11 @@ use sqlx::{
 use uuid::Uuid;
 
 use crate::{
+    columns::JOB_COLUMNS,
     config::QueueSettings,
     error::{CoreError, Result},
     events,
-    jobs::{
-        mask_source_str, JobError, JobRecord, JobRow, JobWarning, NewArtifact, NewDescription,
-        JOB_COLUMNS,
-    },
+    jobs::{mask_source_str, JobError, JobRecord, JobRow, JobWarning, NewArtifact, NewDescription},
 };
 
 /// A worker's hold on a job. Cheap to clone; every write to the job goes through one.

@@ -21,8 +21,7 @@ use crate::{
     JobRecord,
 };
 
-/// NOTIFY channel that wakes dispatchers when a delivery is enqueued.
-pub const WEBHOOKS_CHANNEL: &str = "sidbooth_webhooks";
+pub use crate::events::WEBHOOKS_CHANNEL;
 
 /// The event type of a job entering `status`: `job.<status>`.
 pub fn event_type(status: JobStatus) -> String {
