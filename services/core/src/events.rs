@@ -45,18 +45,6 @@ pub async fn record<'e>(
     Ok(())
 }
 
-/// The data of a `status` event: where the job stands (what [`status_change`] writes in SQL).
-pub(crate) fn status_event(job: &JobRecord) -> serde_json::Value {
-    serde_json::json!({
-        "status": job.status,
-        "stage": job.stage,
-        "progress": job.progress,
-        "stages_done": job.stages_done,
-        "attempts": job.attempts,
-        "error": job.error,
-    })
-}
-
 /// One statement that changes a job and records the change: `head` yields the job's new row
 /// (an `UPDATE … RETURNING`, or a `SELECT` inside the transaction that changed it) as `j`; the
 /// statement also stores an event of `kind` with the job's standing and notifies listeners, and
@@ -115,15 +103,24 @@ const WEBHOOK_CTES: &str = ", targets AS (
                  SELECT m.id, t.endpoint_id FROM m JOIN targets t ON t.job_id = m.job_id
                  RETURNING 1)";
 
-/// Stores a `status` event for the job as it stands inside the current transaction (which
-/// made the change), with its webhook messages; see [`status_change`].
-pub async fn record_status<'e>(exec: impl PgExecutor<'e>, record: &JobRecord) -> Result<()> {
+/// Stores an event of `kind` for the job as it stands inside the current transaction (which
+/// made the change), with its webhook messages for a `status` event; see [`status_change`].
+pub async fn record_change<'e>(
+    exec: impl PgExecutor<'e>,
+    job_id: Uuid,
+    kind: &'static str,
+) -> Result<()> {
     let sql = status_change(
         &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"),
-        "status",
+        kind,
     );
-    sqlx::query(&sql).bind(record.id).execute(exec).await?;
+    sqlx::query(&sql).bind(job_id).execute(exec).await?;
     Ok(())
+}
+
+/// [`record_change`] of a `status` event.
+pub async fn record_status<'e>(exec: impl PgExecutor<'e>, record: &JobRecord) -> Result<()> {
+    record_change(exec, record.id, "status").await
 }
 
 /// Events of a job after the given id, oldest first.

@@ -129,7 +129,6 @@ impl TryFrom<JobRow> for JobRecord {
     }
 }
 
-/// The event data of a status change, taken from the record after the change.
 /// An uploaded image, already stored under `object_key`.
 #[derive(Debug, Clone)]
 pub struct NewImage {
@@ -718,17 +717,12 @@ impl JobStore {
         .fetch_one(&mut *tx)
         .await?;
         let record = JobRecord::try_from(row)?;
-        if record.status == JobStatus::Canceled {
-            events::record_status(&mut *tx, &record).await?;
+        let kind = if record.status == JobStatus::Canceled {
+            "status"
         } else {
-            events::record(
-                &mut *tx,
-                id,
-                "cancel_requested",
-                events::status_event(&record),
-            )
-            .await?;
-        }
+            "cancel_requested"
+        };
+        events::record_change(&mut *tx, id, kind).await?;
         tx.commit().await?;
         Ok(record)
     }

@@ -80,6 +80,30 @@ const UNDER_RUNNING_LIMIT: &str = "(
         < coalesce((SELECT max_running_jobs FROM tenant_limits l WHERE l.tenant_id = c.tenant_id),
                    $3))";
 
+/// The claim with its status event and webhook messages (`$1` worker, `$2` lease seconds, `$3`
+/// the default running limit), built once: it is the queue's hottest statement.
+fn claim_sql() -> &'static str {
+    static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    SQL.get_or_init(|| {
+        events::status_change(
+                &format!(
+                    "UPDATE jobs SET status = 'running', lease_owner = $1,
+                            lease_expires_at = now() + make_interval(secs => $2),
+                            lease_epoch = lease_epoch + 1, attempts = attempts + 1, updated_at = now()
+                     WHERE id = (
+                         SELECT id FROM jobs c
+                         WHERE (status = 'queued' AND run_after <= now() AND {UNDER_RUNNING_LIMIT})
+                            OR (status = 'running' AND lease_expires_at < now())
+                         ORDER BY run_after, id
+                         FOR UPDATE SKIP LOCKED
+                         LIMIT 1)
+                     RETURNING {JOB_COLUMNS}, lease_epoch"
+                ),
+                "status",
+        )
+    })
+}
+
 impl Queue {
     pub fn new(pool: PgPool, settings: QueueSettings) -> Self {
         Self {
@@ -111,25 +135,9 @@ impl Queue {
     /// Claims the next job, or None when there is nothing to do.
     #[tracing::instrument(skip(self), fields(worker = %self.worker_id))]
     pub async fn claim(&self) -> Result<Option<Claimed>> {
-        let sql = events::status_change(
-            &format!(
-                "UPDATE jobs SET status = 'running', lease_owner = $1,
-                        lease_expires_at = now() + make_interval(secs => $2),
-                        lease_epoch = lease_epoch + 1, attempts = attempts + 1, updated_at = now()
-                 WHERE id = (
-                     SELECT id FROM jobs c
-                     WHERE (status = 'queued' AND run_after <= now() AND {UNDER_RUNNING_LIMIT})
-                        OR (status = 'running' AND lease_expires_at < now())
-                     ORDER BY run_after, id
-                     FOR UPDATE SKIP LOCKED
-                     LIMIT 1)
-                 RETURNING {JOB_COLUMNS}, lease_epoch"
-            ),
-            "status",
-        );
         // One statement claims the job and records its status event and webhook messages: no
         // transaction to open and commit around it.
-        let row: Option<ClaimRow> = sqlx::query_as(&sql)
+        let row: Option<ClaimRow> = sqlx::query_as(claim_sql())
             .bind(self.worker_id)
             .bind(self.settings.lease_secs)
             .bind(self.settings.max_running_jobs as i32)

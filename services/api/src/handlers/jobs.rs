@@ -115,16 +115,13 @@ pub async fn create(
     }
     let idempotency_key = idempotency_key(&headers)?;
     // A retry of a request that made its job is answered with that job below, whatever the
-    // limits say now; anything else must pass them before its upload is read.
-    let replay = match &idempotency_key {
-        Some(key) => state
-            .jobs()
-            .find_by_idempotency_key(tenant, key)
-            .await?
-            .is_some(),
-        None => false,
+    // limits say now; anything else must pass them before its upload is read. (A concurrent
+    // request with the same key that commits meanwhile is caught when the job is stored.)
+    let earlier = match &idempotency_key {
+        Some(key) => state.jobs().find_by_idempotency_key(tenant, key).await?,
+        None => None,
     };
-    if !replay {
+    if earlier.is_none() {
         quota::admit_job(&state, tenant).await?;
     }
     let multipart = multipart.map_err(|e| ApiError::InvalidRequest(e.body_text()))?;
@@ -133,15 +130,13 @@ pub async fn create(
         .await
         .map_err(|e| ApiError::Internal(format!("image check task: {e}")))??;
 
-    if let Some(key) = &idempotency_key {
-        if let Some((existing, hash)) = state.jobs().find_by_idempotency_key(tenant, key).await? {
-            if hash != upload.request_hash {
-                return Err(ApiError::IdempotencyKeyReused);
-            }
-            record_job_id(existing.id);
-            let job = load(&state, existing).await?;
-            return Ok(job_response(StatusCode::OK, job, true));
+    if let Some((existing, hash)) = earlier {
+        if hash != upload.request_hash {
+            return Err(ApiError::IdempotencyKeyReused);
         }
+        record_job_id(existing.id);
+        let job = load(&state, existing).await?;
+        return Ok(job_response(StatusCode::OK, job, true));
     }
 
     // Storing runs to completion even when the client goes away mid-request, so that either the
