@@ -65,8 +65,13 @@ async fn shutdown_signal() {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before the runtime's threads start: secrets from *_FILE, empty variables unset.
+    sidbooth_core::config::prepare_env()?;
+    tokio::runtime::Runtime::new()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(args.log_format);
     tracing::info!(database = ?args.database, storage = ?args.storage, api = ?args.api, "starting");

@@ -80,6 +80,7 @@ pub async fn run(mut args: DevArgs) -> Result<()> {
     .context("starting the embedded S3 server")?;
     let storage_args = StorageArgs {
         s3_endpoint: Some(s3.endpoint()),
+        s3_public_endpoint: None,
         s3_region: "us-east-1".into(),
         s3_bucket: "sidbooth".into(),
         s3_path_style: true,

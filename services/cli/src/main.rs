@@ -47,6 +47,10 @@ enum Command {
     S3Server(s3_server::S3ServerArgs),
     /// Apply the database migrations.
     Migrate {
+        /// Apply nothing: exit 0 when the database has every migration this release needs,
+        /// else list the pending ones and exit 1 (for readiness checks and init containers).
+        #[arg(long)]
+        check: bool,
         #[command(flatten)]
         db: LocalDatabaseArgs,
     },
@@ -162,8 +166,13 @@ fn init_tracing() {
         .try_init();
 }
 
-#[tokio::main]
-async fn main() -> Result<()> {
+fn main() -> Result<()> {
+    // Before the runtime's threads start: secrets from *_FILE, empty variables unset.
+    sidbooth_core::config::prepare_env()?;
+    tokio::runtime::Runtime::new()?.block_on(run())
+}
+
+async fn run() -> Result<()> {
     sidbooth_engine::kernels::keep_freed_memory();
     let cli = Cli::parse();
     init_tracing();
@@ -178,11 +187,29 @@ async fn main() -> Result<()> {
             tokio::task::spawn_blocking(move || evaluate::run(*args)).await?
         }
         Command::Segment(args) => tokio::task::spawn_blocking(move || segment::run(*args)).await?,
-        Command::Migrate { db } => {
+        Command::Migrate { check: false, db } => {
             let pool = sidbooth_core::db::connect(&db.resolve()?).await?;
             sidbooth_core::db::migrate(&pool).await?;
             println!("migrations applied");
             Ok(())
+        }
+        Command::Migrate { check: true, db } => {
+            let pool = sidbooth_core::db::connect(&db.resolve()?).await?;
+            let status = sidbooth_core::db::migration_status(&pool).await?;
+            for version in &status.unknown {
+                println!("applied but unknown to this release: {version} (the database is newer)");
+            }
+            if status.is_current() {
+                println!("the database is up to date");
+                return Ok(());
+            }
+            for (version, description) in &status.pending {
+                println!("pending: {version} {description}");
+            }
+            anyhow::bail!(
+                "{} migration(s) pending: run `sidbooth migrate`",
+                status.pending.len()
+            )
         }
         Command::Tenants { command } => match command {
             TenantsCommand::Limits {

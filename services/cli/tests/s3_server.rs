@@ -21,6 +21,7 @@ impl Drop for Server {
 fn store(endpoint: &str, secret: &str) -> ArtifactStore {
     let args = StorageArgs {
         s3_endpoint: Some(endpoint.into()),
+        s3_public_endpoint: None,
         s3_region: "us-east-1".into(),
         s3_bucket: "jobs".into(),
         s3_path_style: true,

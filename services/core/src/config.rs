@@ -67,6 +67,11 @@ pub struct StorageArgs {
     /// S3-compatible endpoint URL; the AWS default endpoint when absent.
     #[arg(long, env = "SIDBOOTH_S3_ENDPOINT")]
     pub s3_endpoint: Option<String>,
+    /// The endpoint that presigned download URLs name, where clients reach storage at another
+    /// address than this process does (compose or Kubernetes: `http://s3:9000` inside,
+    /// `https://files.example.com` outside). Unset: the S3 endpoint.
+    #[arg(long, env = "SIDBOOTH_S3_PUBLIC_ENDPOINT")]
+    pub s3_public_endpoint: Option<String>,
     #[arg(long, env = "SIDBOOTH_S3_REGION", default_value = "us-east-1")]
     pub s3_region: String,
     #[arg(long, env = "SIDBOOTH_S3_BUCKET", default_value = "sidbooth")]
@@ -139,6 +144,96 @@ impl QueueSettings {
     }
 }
 
+/// The environment variables that hold secrets. Each can instead name a file that holds the
+/// value, as `<NAME>_FILE` (Docker and Kubernetes secrets mounted as files).
+pub const SECRET_VARS: &[&str] = &[
+    "DATABASE_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "SIDBOOTH_VLM_API_KEY",
+    "SIDBOOTH_EVENTS_URL_KEY",
+];
+
+/// What [`prepare_env`] changes in the environment.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EnvChange {
+    /// A variable set to the empty string counts as unset (compose's `${VAR:-}` and templated
+    /// manifests pass empty strings for what was left out).
+    Unset(String),
+    /// A secret read from the file its `_FILE` variable names.
+    Set(String, String),
+}
+
+/// Why the environment cannot be used.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EnvError {
+    #[error("{name} and {name}_FILE are both set; set one")]
+    Both { name: String },
+    #[error("{name}_FILE names {path}, which cannot be read: {reason}")]
+    Unreadable {
+        name: String,
+        path: String,
+        reason: String,
+    },
+}
+
+/// The changes that make `vars` (the process's environment) what the flags' parsers should
+/// see: empty sidbooth, database and AWS variables removed, `<SECRET>_FILE` read into
+/// `<SECRET>` (one trailing newline dropped). `read` reads a file.
+pub fn env_changes(
+    vars: impl IntoIterator<Item = (String, String)>,
+    read: impl Fn(&std::path::Path) -> std::io::Result<String>,
+) -> std::result::Result<Vec<EnvChange>, EnvError> {
+    let vars: std::collections::BTreeMap<String, String> = vars.into_iter().collect();
+    let ours = |name: &str| {
+        name.starts_with("SIDBOOTH_") || name.starts_with("AWS_") || name == "DATABASE_URL"
+    };
+    let mut changes: Vec<EnvChange> = vars
+        .iter()
+        .filter(|(name, value)| value.is_empty() && (ours(name) || name.ends_with("_FILE")))
+        .map(|(name, _)| EnvChange::Unset(name.clone()))
+        .collect();
+    let set = |name: &str| vars.get(name).filter(|v| !v.is_empty());
+    for name in SECRET_VARS {
+        let file_var = format!("{name}_FILE");
+        let Some(path) = set(&file_var) else {
+            continue;
+        };
+        if set(name).is_some() {
+            return Err(EnvError::Both {
+                name: (*name).to_owned(),
+            });
+        }
+        let text = read(std::path::Path::new(path)).map_err(|e| EnvError::Unreadable {
+            name: (*name).to_owned(),
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let value = text
+            .strip_suffix("\r\n")
+            .or_else(|| text.strip_suffix('\n'))
+            .unwrap_or(&text);
+        changes.push(EnvChange::Set((*name).to_owned(), value.to_owned()));
+    }
+    Ok(changes)
+}
+
+/// Applies [`env_changes`] to this process's environment. Call it first thing in `main`,
+/// before any thread starts (changing the environment is not thread-safe).
+pub fn prepare_env() -> std::result::Result<(), EnvError> {
+    let vars = std::env::vars_os()
+        .filter_map(|(name, value)| Some((name.into_string().ok()?, value.into_string().ok()?)));
+    let changes = env_changes(vars, |p| std::fs::read_to_string(p))?;
+    for change in changes {
+        match change {
+            EnvChange::Unset(name) => std::env::remove_var(name),
+            EnvChange::Set(name, value) => std::env::set_var(name, value),
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -165,5 +260,80 @@ mod tests {
         assert_eq!(q.backoff(2), Duration::from_secs(2));
         assert_eq!(q.backoff(3), Duration::from_secs(4));
         assert_eq!(q.backoff(4), Duration::from_secs(5));
+    }
+
+    fn vars(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    fn files(path: &std::path::Path) -> std::io::Result<String> {
+        match path.to_str() {
+            Some("/run/secrets/db") => Ok("postgres://app:pw@db/x\n".into()),
+            Some("/run/secrets/key") => Ok("sk-1\r\n".into()),
+            _ => Err(std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "No such file or directory",
+            )),
+        }
+    }
+
+    #[test]
+    fn secrets_come_from_files_and_empty_variables_count_as_unset() {
+        let changes = env_changes(
+            vars(&[
+                ("DATABASE_URL_FILE", "/run/secrets/db"),
+                ("SIDBOOTH_VLM_API_KEY_FILE", "/run/secrets/key"),
+                ("SIDBOOTH_S3_ENDPOINT", ""),
+                ("AWS_SECRET_ACCESS_KEY_FILE", ""),
+                ("HOME", ""),
+                ("SIDBOOTH_S3_BUCKET", "b"),
+            ]),
+            files,
+        )
+        .unwrap();
+        assert_eq!(
+            changes,
+            [
+                EnvChange::Unset("AWS_SECRET_ACCESS_KEY_FILE".into()),
+                EnvChange::Unset("SIDBOOTH_S3_ENDPOINT".into()),
+                EnvChange::Set("DATABASE_URL".into(), "postgres://app:pw@db/x".into()),
+                EnvChange::Set("SIDBOOTH_VLM_API_KEY".into(), "sk-1".into()),
+            ],
+            "other programs' variables are left alone; one trailing newline is dropped"
+        );
+    }
+
+    #[test]
+    fn a_secret_set_twice_or_in_a_missing_file_is_refused() {
+        let both = env_changes(
+            vars(&[
+                ("DATABASE_URL", "postgres://x"),
+                ("DATABASE_URL_FILE", "/run/secrets/db"),
+            ]),
+            files,
+        );
+        assert_eq!(
+            both.unwrap_err().to_string(),
+            "DATABASE_URL and DATABASE_URL_FILE are both set; set one"
+        );
+        let missing = env_changes(vars(&[("AWS_SECRET_ACCESS_KEY_FILE", "/nope")]), files);
+        let message = missing.unwrap_err().to_string();
+        assert!(
+            message.starts_with("AWS_SECRET_ACCESS_KEY_FILE names /nope, which cannot be read"),
+            "{message}"
+        );
+        // An empty value beside a file is no conflict: it counts as unset.
+        let changes = env_changes(
+            vars(&[
+                ("DATABASE_URL", ""),
+                ("DATABASE_URL_FILE", "/run/secrets/db"),
+            ]),
+            files,
+        )
+        .unwrap();
+        assert!(changes.contains(&EnvChange::Unset("DATABASE_URL".into())));
     }
 }

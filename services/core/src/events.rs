@@ -3,7 +3,7 @@
 
 use chrono::{DateTime, Utc};
 use serde::Serialize;
-use sqlx::{PgExecutor, PgPool};
+use sqlx::{PgExecutor, PgPool, Row};
 use uuid::Uuid;
 
 use crate::{columns::JOB_COLUMNS, error::Result, JobRecord};
@@ -24,61 +24,158 @@ pub struct JobEvent {
     pub created_at: DateTime<Utc>,
 }
 
-/// Stores an event and notifies listeners. Inside a transaction the notification goes out on
-/// commit, so listeners never see an event before the state change it describes.
+/// Whom to wake once a change has committed: SSE followers of some jobs, webhook dispatchers,
+/// idle workers.
+///
+/// The notifications go out after the commit, not inside the writing transaction: a
+/// transaction that has sent NOTIFY holds a cluster-wide lock from its commit record until
+/// the commit's WAL flush ends, so every writer that notifies would commit one at a time.
+/// Every listener also polls, so a wake lost to a crash between commit and send costs latency,
+/// never an event.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[must_use = "a change's listeners are woken only by Wake::send after the commit"]
+pub struct Wake {
+    jobs: Vec<Uuid>,
+    webhooks: bool,
+    queue: bool,
+}
+
+impl Wake {
+    /// Followers of `job_id`'s events.
+    pub fn job(job_id: Uuid) -> Self {
+        Self {
+            jobs: vec![job_id],
+            ..Self::default()
+        }
+    }
+
+    /// Also the webhook dispatchers, when `enqueued` deliveries were written.
+    pub fn with_webhooks(mut self, enqueued: bool) -> Self {
+        self.webhooks |= enqueued;
+        self
+    }
+
+    /// Also the idle workers (a job became claimable).
+    pub fn with_queue(mut self) -> Self {
+        self.queue = true;
+        self
+    }
+
+    /// Both wakes' listeners.
+    pub fn and(mut self, other: Wake) -> Self {
+        for job in other.jobs {
+            if !self.jobs.contains(&job) {
+                self.jobs.push(job);
+            }
+        }
+        self.webhooks |= other.webhooks;
+        self.queue |= other.queue;
+        self
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.jobs.is_empty() && !self.webhooks && !self.queue
+    }
+
+    fn notifications(&self) -> (Vec<&'static str>, Vec<String>) {
+        let mut channels = Vec::with_capacity(self.jobs.len() + 2);
+        let mut payloads = Vec::with_capacity(self.jobs.len() + 2);
+        for job in &self.jobs {
+            channels.push(EVENTS_CHANNEL);
+            payloads.push(job.to_string());
+        }
+        if self.webhooks {
+            channels.push(WEBHOOKS_CHANNEL);
+            payloads.push(String::new());
+        }
+        if self.queue {
+            channels.push(QUEUE_CHANNEL);
+            payloads.push(String::new());
+        }
+        (channels, payloads)
+    }
+
+    /// Sends every notification in one statement, outside any transaction. A failure is logged,
+    /// not returned: the change has committed and the listeners' polling finds it.
+    pub async fn send(self, pool: &PgPool) {
+        if self.is_empty() {
+            return;
+        }
+        let (channels, payloads) = self.notifications();
+        let sent =
+            sqlx::query("SELECT pg_notify(c, p) FROM unnest($1::text[], $2::text[]) AS n(c, p)")
+                .bind(channels)
+                .bind(payloads)
+                .execute(pool)
+                .await;
+        if let Err(e) = sent {
+            tracing::warn!(error = %e, "could not notify listeners; they will find the change by polling");
+        }
+    }
+}
+
+/// Stores an event. Its listeners are woken by the returned [`Wake`], sent after the commit.
 pub async fn record<'e>(
     exec: impl PgExecutor<'e>,
     job_id: Uuid,
     kind: &str,
     data: serde_json::Value,
-) -> Result<()> {
-    sqlx::query(
-        "WITH e AS (INSERT INTO job_events (job_id, kind, data) VALUES ($1, $2, $3) RETURNING job_id)
-         SELECT pg_notify($4, job_id::text) FROM e",
-    )
-    .bind(job_id)
-    .bind(kind)
-    .bind(data)
-    .bind(EVENTS_CHANNEL)
-    .execute(exec)
-    .await?;
-    Ok(())
+) -> Result<Wake> {
+    sqlx::query("INSERT INTO job_events (job_id, kind, data) VALUES ($1, $2, $3)")
+        .bind(job_id)
+        .bind(kind)
+        .bind(data)
+        .execute(exec)
+        .await?;
+    Ok(Wake::job(job_id))
 }
 
 /// One statement that changes a job and records the change: `head` yields the job's new row
 /// (an `UPDATE … RETURNING`, or a `SELECT` inside the transaction that changed it) as `j`; the
-/// statement also stores an event of `kind` with the job's standing and notifies listeners, and
-/// for a `status` event enqueues a webhook message for every endpoint of the tenant subscribed
-/// to `job.<status>`, with the row as it is now (the dispatcher renders it as
-/// `GET /v1/jobs/{id}` shows the job). It returns `j`'s columns.
+/// statement also stores an event of `kind` with the job's standing, and for a `status` event
+/// enqueues a webhook message for every endpoint of the tenant subscribed to `job.<status>`,
+/// with the row as it is now (the dispatcher renders it as `GET /v1/jobs/{id}` shows the job).
+/// It returns `j`'s columns and `webhooks_enqueued`, the deliveries written ([`ChangedRow`]).
 ///
 /// Being one statement, it is atomic without a transaction and costs one round trip: a change
 /// that rolls back leaves no event and no message, one that commits cannot lose them.
 pub(crate) fn status_change(head: &str, kind: &'static str) -> String {
-    let webhooks = if kind == "status" { WEBHOOK_CTES } else { "" };
-    let notify_webhooks = if kind == "status" {
-        format!(
-            ", (SELECT count(*) FROM (SELECT pg_notify('{}', '') FROM d LIMIT 1) AS w)
-                 AS webhooks_notified",
-            WEBHOOKS_CHANNEL
-        )
+    status_change_after("", head, kind)
+}
+
+/// [`status_change`] with more common table expressions before `j` (`ctes` ends in a comma),
+/// which `head` may read.
+pub(crate) fn status_change_after(ctes: &str, head: &str, kind: &'static str) -> String {
+    let (webhooks, enqueued) = if kind == "status" {
+        (WEBHOOK_CTES, "(SELECT count(*) FROM d)")
     } else {
-        String::new()
+        ("", "0::bigint")
     };
     format!(
-        "WITH j AS ({head}),
+        "WITH {ctes} j AS ({head}),
          e AS (
              INSERT INTO job_events (job_id, kind, data)
              SELECT id, '{kind}', jsonb_build_object(
                  'status', status, 'stage', stage, 'progress', progress,
                  'stages_done', to_jsonb(stages_done), 'attempts', attempts, 'error', error)
-             FROM j
-             RETURNING job_id){webhooks}
-         SELECT j.*,
-                (SELECT count(*) FROM (SELECT pg_notify('{EVENTS_CHANNEL}', job_id::text) FROM e)
-                     AS n) AS events_notified{notify_webhooks}
+             FROM j){webhooks}
+         SELECT j.*, {enqueued} AS webhooks_enqueued
          FROM j"
     )
+}
+
+/// A row of a [`status_change`] statement: the job and whom to wake.
+#[derive(sqlx::FromRow)]
+pub(crate) struct ChangedRow<T> {
+    #[sqlx(flatten)]
+    pub row: T,
+    pub webhooks_enqueued: i64,
+}
+
+impl<T> ChangedRow<T> {
+    pub fn wake(&self, job_id: Uuid) -> Wake {
+        Wake::job(job_id).with_webhooks(self.webhooks_enqueued > 0)
+    }
 }
 
 /// The webhook part of [`status_change`]: the tenant's subscribed endpoints, one message with
@@ -109,17 +206,21 @@ pub async fn record_change<'e>(
     exec: impl PgExecutor<'e>,
     job_id: Uuid,
     kind: &'static str,
-) -> Result<()> {
+) -> Result<Wake> {
     let sql = status_change(
         &format!("SELECT {JOB_COLUMNS} FROM jobs WHERE id = $1"),
         kind,
     );
-    sqlx::query(&sql).bind(job_id).execute(exec).await?;
-    Ok(())
+    let row = sqlx::query(&sql).bind(job_id).fetch_optional(exec).await?;
+    let enqueued: i64 = match row {
+        Some(row) => row.try_get("webhooks_enqueued")?,
+        None => 0,
+    };
+    Ok(Wake::job(job_id).with_webhooks(enqueued > 0))
 }
 
 /// [`record_change`] of a `status` event.
-pub async fn record_status<'e>(exec: impl PgExecutor<'e>, record: &JobRecord) -> Result<()> {
+pub async fn record_status<'e>(exec: impl PgExecutor<'e>, record: &JobRecord) -> Result<Wake> {
     record_change(exec, record.id, "status").await
 }
 
@@ -134,13 +235,4 @@ pub async fn since(pool: &PgPool, job_id: Uuid, after_id: i64) -> Result<Vec<Job
     .fetch_all(pool)
     .await?;
     Ok(events)
-}
-
-/// Wakes idle workers.
-pub async fn notify_queue<'e>(exec: impl PgExecutor<'e>) -> Result<()> {
-    sqlx::query("SELECT pg_notify($1, '')")
-        .bind(QUEUE_CHANNEL)
-        .execute(exec)
-        .await?;
-    Ok(())
 }

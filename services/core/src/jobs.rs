@@ -71,7 +71,7 @@ pub struct JobWarning {
 /// A `jobs` row as queries return it, or as `to_jsonb` of one (a webhook message's snapshot).
 #[derive(sqlx::FromRow, Deserialize)]
 pub(crate) struct JobRow {
-    id: Uuid,
+    pub(crate) id: Uuid,
     tenant_id: Uuid,
     spec: serde_json::Value,
     status: String,
@@ -400,9 +400,9 @@ impl JobStore {
             .await?;
         }
         let record = JobRecord::try_from(row)?;
-        events::record_status(&mut *tx, &record).await?;
-        events::notify_queue(&mut *tx).await?;
+        let wake = events::record_status(&mut *tx, &record).await?;
         tx.commit().await?;
+        wake.with_queue().send(&self.pool).await;
         Ok(Created::New(record))
     }
 
@@ -589,7 +589,7 @@ impl JobStore {
         .bind(coverage)
         .execute(&mut *tx)
         .await?;
-        events::record(
+        let wake = events::record(
             &mut *tx,
             id,
             "mask_replaced",
@@ -597,6 +597,7 @@ impl JobStore {
         )
         .await?;
         tx.commit().await?;
+        wake.send(&self.pool).await;
         Ok(previous.filter(|k| *k != artifact.object_key))
     }
 
@@ -645,7 +646,7 @@ impl JobStore {
                 )));
             }
         }
-        events::record(
+        let wake = events::record(
             &mut *tx,
             id,
             "descriptions_edited",
@@ -653,6 +654,7 @@ impl JobStore {
         )
         .await?;
         tx.commit().await?;
+        wake.send(&self.pool).await;
         self.descriptions(id).await
     }
 
@@ -687,9 +689,9 @@ impl JobStore {
         .fetch_one(&mut *tx)
         .await?;
         let record = JobRecord::try_from(row)?;
-        events::record_status(&mut *tx, &record).await?;
-        events::notify_queue(&mut *tx).await?;
+        let wake = events::record_status(&mut *tx, &record).await?;
         tx.commit().await?;
+        wake.with_queue().send(&self.pool).await;
         Ok(record)
     }
 
@@ -722,8 +724,9 @@ impl JobStore {
         } else {
             "cancel_requested"
         };
-        events::record_change(&mut *tx, id, kind).await?;
+        let wake = events::record_change(&mut *tx, id, kind).await?;
         tx.commit().await?;
+        wake.send(&self.pool).await;
         Ok(record)
     }
 

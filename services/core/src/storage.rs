@@ -19,6 +19,8 @@ use crate::{
 #[derive(Clone, Debug)]
 pub struct ArtifactStore {
     client: Client,
+    /// Signs download URLs for the public endpoint (the same client when there is none).
+    presigner: Client,
     bucket: String,
     presign_ttl: Duration,
 }
@@ -46,31 +48,40 @@ impl ArtifactStore {
             .region(Region::new(args.s3_region.clone()))
             .load()
             .await;
-        let mut builder =
+        let builder =
             aws_sdk_s3::config::Builder::from(&shared).force_path_style(args.s3_path_style);
-        if let Some(endpoint) = &args.s3_endpoint {
-            builder = builder.endpoint_url(endpoint);
-        }
-        Ok(Self::from_client(Client::from_conf(builder.build()), args))
+        Ok(Self::from_config(builder, args))
     }
 
     /// Connects with explicit static credentials (embedded servers and tests).
     pub fn with_static_credentials(args: &StorageArgs, access_key: &str, secret_key: &str) -> Self {
         let creds = Credentials::new(access_key, secret_key, None, None, "sidbooth-static");
-        let mut builder = aws_sdk_s3::config::Builder::new()
+        let builder = aws_sdk_s3::config::Builder::new()
             .behavior_version(BehaviorVersion::latest())
             .region(Region::new(args.s3_region.clone()))
             .credentials_provider(creds)
             .force_path_style(args.s3_path_style);
-        if let Some(endpoint) = &args.s3_endpoint {
-            builder = builder.endpoint_url(endpoint);
-        }
-        Self::from_client(Client::from_conf(builder.build()), args)
+        Self::from_config(builder, args)
     }
 
-    fn from_client(client: Client, args: &StorageArgs) -> Self {
+    /// A client for the S3 endpoint, and for presigning one for the public endpoint: a
+    /// presigned URL's signature covers its host, so it is made for the address clients use.
+    fn from_config(builder: aws_sdk_s3::config::Builder, args: &StorageArgs) -> Self {
+        let endpoint_client = |endpoint: Option<&String>| {
+            let mut builder = builder.clone();
+            if let Some(endpoint) = endpoint {
+                builder = builder.endpoint_url(endpoint);
+            }
+            Client::from_conf(builder.build())
+        };
+        let client = endpoint_client(args.s3_endpoint.as_ref());
+        let presigner = match &args.s3_public_endpoint {
+            Some(public) => endpoint_client(Some(public)),
+            None => client.clone(),
+        };
         Self {
             client,
+            presigner,
             bucket: args.s3_bucket.clone(),
             presign_ttl: Duration::from_secs(args.presign_ttl_secs),
         }
@@ -248,7 +259,7 @@ impl ArtifactStore {
     pub async fn presign_get(&self, key: &str) -> Result<String> {
         let config = PresigningConfig::expires_in(self.presign_ttl).map_err(storage_err)?;
         let req = self
-            .client
+            .presigner
             .get_object()
             .bucket(&self.bucket)
             .key(key)

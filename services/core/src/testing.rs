@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use sqlx::{postgres::PgPoolOptions, Connection, PgConnection, PgPool};
+use sqlx::{Connection, PgConnection, PgPool};
 use uuid::Uuid;
 
 use crate::{config::StorageArgs, db, storage::ArtifactStore};
@@ -35,7 +35,15 @@ pub struct TestDb {
 }
 
 impl TestDb {
+    /// A migrated database.
     pub async fn new() -> Self {
+        let db = Self::empty().await;
+        db::migrate(&db.pool).await.expect("migrate test database");
+        db
+    }
+
+    /// A database with no migrations applied.
+    pub async fn empty() -> Self {
         let server = server_url();
         let name = format!("sidbooth_test_{}", Uuid::new_v4().simple());
         let mut admin = PgConnection::connect(&server)
@@ -46,12 +54,10 @@ impl TestDb {
             .await
             .expect("create test database");
         let url = with_database(&server, &name);
-        let pool = PgPoolOptions::new()
-            .max_connections(20)
+        let pool = db::pool_options(20, std::time::Duration::from_secs(30))
             .connect(&url)
             .await
             .expect("connect to test database");
-        db::migrate(&pool).await.expect("migrate test database");
         Self { pool, url, name }
     }
 }
@@ -105,6 +111,7 @@ impl TestStorage {
         .expect("start embedded S3");
         let args = StorageArgs {
             s3_endpoint: Some(server.endpoint()),
+            s3_public_endpoint: None,
             s3_region: "us-east-1".into(),
             s3_bucket: "sidbooth-test".into(),
             s3_path_style: true,

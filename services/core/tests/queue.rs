@@ -452,3 +452,117 @@ async fn a_tenant_at_its_running_limit_waits_while_others_run() {
         "busy's next job starts once its first ended"
     );
 }
+
+#[tokio::test]
+async fn succeed_and_claim_hands_over_the_next_job_fenced_and_within_limits() {
+    let db = TestDb::new().await;
+    let store = JobStore::new(db.pool.clone());
+    let t = tenant(&db, "chain").await;
+    // One running job per tenant: the finishing job must not count against the next one.
+    let queue = Queue::new(
+        db.pool.clone(),
+        QueueSettings {
+            max_running_jobs: 1,
+            ..fast_settings()
+        },
+    );
+    let first = create(&store, new_job(t, 0, None, b"1")).await;
+    let second = create(&store, new_job(t, 0, None, b"2")).await;
+
+    let a = queue.claim().await.unwrap().unwrap();
+    assert_eq!(a.job.id, first);
+    let (done, next) = queue.succeed_and_claim(&a.lease).await.unwrap();
+    assert_eq!(done.id, first);
+    assert_eq!(done.status, JobStatus::Succeeded);
+    assert!(done.finished_at.is_some());
+    let b = next.expect("the tenant's next job, claimed with the success");
+    assert_eq!(b.job.id, second);
+    assert_eq!(b.job.status, JobStatus::Running);
+    assert_eq!(b.job.attempts, 1);
+    assert_eq!(b.lease.tenant_id, t);
+    // The handed-over lease is a real one: it renews, and a stale copy of it is fenced out.
+    queue.heartbeat(&b.lease).await.unwrap();
+    let stale = sidbooth_core::Lease {
+        epoch: b.lease.epoch - 1,
+        ..b.lease
+    };
+    assert!(matches!(
+        queue.succeed_and_claim(&stale).await,
+        Err(CoreError::LeaseLost)
+    ));
+
+    // A fenced-out success claims nothing: the third job stays queued for a live worker.
+    let third = create(&store, new_job(t, 0, None, b"3")).await;
+    assert!(matches!(
+        queue.succeed_and_claim(&a.lease).await,
+        Err(CoreError::LeaseLost)
+    ));
+    assert_eq!(store.get(t, third).await.unwrap().status, JobStatus::Queued);
+    assert_eq!(
+        store.get(t, second).await.unwrap().status,
+        JobStatus::Running
+    );
+
+    let (done, next) = queue.succeed_and_claim(&b.lease).await.unwrap();
+    assert_eq!(done.id, second);
+    let c = next.expect("the third job");
+    assert_eq!(c.job.id, third);
+    let (done, next) = queue.succeed_and_claim(&c.lease).await.unwrap();
+    assert_eq!(done.id, third);
+    assert!(next.is_none(), "the queue is empty");
+
+    // Each job has its own status events, claimed and succeeded, as with claim and succeed.
+    for id in [first, second, third] {
+        let statuses: Vec<String> = store
+            .events_since(id, 0)
+            .await
+            .unwrap()
+            .into_iter()
+            .filter(|e| e.kind == "status")
+            .map(|e| e.data["status"].as_str().unwrap().to_owned())
+            .collect();
+        assert_eq!(statuses, ["queued", "running", "succeeded"], "job {id}");
+    }
+}
+
+#[tokio::test]
+async fn a_change_wakes_its_listeners_after_it_commits() {
+    let db = TestDb::new().await;
+    let store = JobStore::new(db.pool.clone());
+    let queue = Queue::new(db.pool.clone(), fast_settings());
+    let t = tenant(&db, "wake").await;
+    let mut events = sqlx::postgres::PgListener::connect_with(&db.pool)
+        .await
+        .unwrap();
+    events
+        .listen(sidbooth_core::events::EVENTS_CHANNEL)
+        .await
+        .unwrap();
+    let mut workers = queue.listen().await.unwrap();
+
+    let id = create(&store, new_job(t, 0, None, b"w")).await;
+    let woken = tokio::time::timeout(Duration::from_secs(5), workers.recv())
+        .await
+        .expect("a new job wakes the workers")
+        .unwrap();
+    assert_eq!(woken.channel(), sidbooth_core::events::QUEUE_CHANNEL);
+    let event = tokio::time::timeout(Duration::from_secs(5), events.recv())
+        .await
+        .expect("its status event wakes its followers")
+        .unwrap();
+    assert_eq!(event.payload(), id.to_string());
+
+    let claimed = queue.claim().await.unwrap().unwrap();
+    queue
+        .progress(&claimed.lease, Stage::Describe, 0.5, serde_json::json!({}))
+        .await
+        .unwrap();
+    queue.succeed(&claimed.lease).await.unwrap();
+    for what in ["claim", "progress", "success"] {
+        let event = tokio::time::timeout(Duration::from_secs(5), events.recv())
+            .await
+            .unwrap_or_else(|_| panic!("the {what} wakes the job's followers"))
+            .unwrap();
+        assert_eq!(event.payload(), id.to_string(), "{what}");
+    }
+}

@@ -169,7 +169,7 @@ async fn a_change_that_rolls_back_sends_nothing() {
         .unwrap();
 
     let mut tx = db.pool.begin().await.unwrap();
-    events::record_status(&mut *tx, &record).await.unwrap();
+    let _unsent = events::record_status(&mut *tx, &record).await.unwrap();
     let inside: i64 = sqlx::query_scalar("SELECT count(*) FROM webhook_deliveries")
         .fetch_one(&mut *tx)
         .await

@@ -1,12 +1,14 @@
 //! Queue throughput: no-op jobs claimed and completed per second by concurrent queue workers.
 //!
 //! ```text
-//! cargo run -p sidbooth-worker --example bench_queue -- [JOBS] [WORKERS] [--stage]
+//! cargo run -p sidbooth-worker --example bench_queue -- [JOBS] [WORKERS] [--stage] [--separate]
 //! ```
 //!
 //! Creates JOBS queued jobs (default 10000) in a fresh database on the test Postgres server
 //! (SIDBOOTH_TEST_DATABASE_URL or postgres://postgres@127.0.0.1:5432), then runs WORKERS
-//! (default 4) loops of `Queue::claim` + `Queue::succeed` until the queue is empty. With
+//! (default 4) loops until the queue is empty, as the worker runs jobs: `Queue::claim` once,
+//! then `Queue::succeed_and_claim` for each job, which hands over the next. With `--separate`
+//! each job is a `Queue::claim` and a `Queue::succeed` (two statements, two commits). With
 //! `--stage` each job also goes through `Queue::complete_stage`, as a one-stage job run by the
 //! worker does.
 
@@ -20,6 +22,7 @@ use uuid::Uuid;
 async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let with_stage = args.iter().any(|a| a == "--stage");
+    let separate = args.iter().any(|a| a == "--separate");
     let numbers: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let jobs_n = numbers.first().copied().unwrap_or(10_000);
     let workers = numbers.get(1).copied().unwrap_or(4);
@@ -68,13 +71,19 @@ async fn main() -> anyhow::Result<()> {
         let queue = Queue::new(db.pool.clone(), settings.clone());
         tasks.push(tokio::spawn(async move {
             let mut done = 0usize;
-            while let Some(claimed) = queue.claim().await? {
+            let mut next = queue.claim().await?;
+            while let Some(claimed) = next {
                 if with_stage {
                     queue
                         .complete_stage(&claimed.lease, Stage::Describe, None)
                         .await?;
                 }
-                queue.succeed(&claimed.lease).await?;
+                next = if separate {
+                    queue.succeed(&claimed.lease).await?;
+                    queue.claim().await?
+                } else {
+                    queue.succeed_and_claim(&claimed.lease).await?.1
+                };
                 done += 1;
             }
             anyhow::Ok(done)
@@ -97,7 +106,12 @@ async fn main() -> anyhow::Result<()> {
     );
     assert_eq!(total, jobs_n);
     println!(
-        "{workers} workers: {total} jobs claimed and completed{} in {secs:.2}s = {:.0} jobs/s",
+        "{workers} workers: {total} jobs claimed and completed{}{} in {secs:.2}s = {:.0} jobs/s",
+        if separate {
+            " (claim and succeed apart)"
+        } else {
+            " (succeed_and_claim)"
+        },
         if with_stage {
             " (with complete_stage)"
         } else {

@@ -43,6 +43,26 @@ pub struct WorkerConfig {
     /// What happens to running jobs on shutdown.
     #[arg(long, env = "SIDBOOTH_SHUTDOWN_MODE", value_enum, default_value_t = ShutdownMode::FinishStage)]
     pub shutdown_mode: ShutdownMode,
+    /// In finish-stage mode, how long a running stage may take to finish once shutdown began,
+    /// in seconds; past it the stage is stopped and the job given back, as in release mode. Set
+    /// it below the time the platform waits before it kills the process (Kubernetes'
+    /// terminationGracePeriodSeconds), so a long stage is given back instead of left to lapse.
+    /// Unset: wait as long as the stage takes.
+    #[arg(long, env = "SIDBOOTH_SHUTDOWN_TIMEOUT_SECS")]
+    pub shutdown_timeout_secs: Option<f64>,
+}
+
+impl WorkerConfig {
+    /// How long a stage may run on after shutdown began before it is stopped (None: no limit;
+    /// release mode stops it at once).
+    pub fn shutdown_grace(&self) -> Option<std::time::Duration> {
+        match self.shutdown_mode {
+            ShutdownMode::Release => Some(std::time::Duration::ZERO),
+            ShutdownMode::FinishStage => self
+                .shutdown_timeout_secs
+                .map(|s| std::time::Duration::from_secs_f64(s.max(0.0))),
+        }
+    }
 }
 
 impl Default for WorkerConfig {
@@ -55,6 +75,7 @@ impl Default for WorkerConfig {
             upload_part_mib: 64,
             concurrency: 1,
             shutdown_mode: ShutdownMode::FinishStage,
+            shutdown_timeout_secs: None,
         }
     }
 }
@@ -105,8 +126,15 @@ mod tests {
         assert_eq!(cli.worker.concurrency, 3);
         assert_eq!(cli.worker.vlm.vlm_model, "gpt-4o");
         assert_eq!(cli.worker.queue.max_attempts, 5);
+        assert_eq!(cli.worker.shutdown_grace(), Some(std::time::Duration::ZERO));
         let cli = Cli::try_parse_from(["w"]).unwrap();
         assert_eq!(cli.worker.shutdown_mode, ShutdownMode::FinishStage);
         assert_eq!(cli.worker.concurrency, 1);
+        assert_eq!(cli.worker.shutdown_grace(), None);
+        let cli = Cli::try_parse_from(["w", "--shutdown-timeout-secs", "540"]).unwrap();
+        assert_eq!(
+            cli.worker.shutdown_grace(),
+            Some(std::time::Duration::from_secs(540))
+        );
     }
 }

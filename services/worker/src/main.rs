@@ -3,7 +3,8 @@
 //! `sidbooth-worker`: claims describe (and later train/generate) jobs and runs them.
 //!
 //! SIGTERM or Ctrl-C stops claiming; running jobs finish their stage and are given back
-//! (`--shutdown-mode finish-stage`, the default) or are given back at once
+//! (`--shutdown-mode finish-stage`, the default; with `--shutdown-timeout-secs` a stage still
+//! running after that long is stopped and its job given back) or are given back at once
 //! (`--shutdown-mode release`). A second signal exits immediately; the leases then lapse.
 
 use std::net::SocketAddr;
@@ -50,8 +51,13 @@ enum LogFormat {
     Json,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // Before the runtime's threads start: secrets from *_FILE, empty variables unset.
+    sidbooth_core::config::prepare_env()?;
+    tokio::runtime::Runtime::new()?.block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     sidbooth_engine::kernels::keep_freed_memory();
     let args = Args::parse();
     let filter = EnvFilter::try_from_default_env()

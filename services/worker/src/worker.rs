@@ -18,7 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use crate::{
-    config::{ShutdownMode, WorkerConfig},
+    config::WorkerConfig,
     engine::EngineHandle,
     error::StageError,
     evaluators::EvaluatorHandle,
@@ -152,7 +152,19 @@ impl Worker {
                     let shutdown = shutdown.clone();
                     // Boxed: a job's future is deep, and the run loop's stays small.
                     running.spawn(Box::pin(async move {
-                        run_job(&ctx, claimed, &shutdown).await;
+                        // A job that succeeds hands over the next one, claimed in the same
+                        // statement (Queue::succeed_and_claim); the slot runs it at once.
+                        let mut next = Some(claimed);
+                        while let Some(claimed) = next.take() {
+                            next = run_job(&ctx, claimed, &shutdown).await;
+                            if let Some(chained) = &next {
+                                metrics::counter!("sidbooth_jobs_claimed_total").increment(1);
+                                if shutdown.is_cancelled() {
+                                    give_back(&ctx, &chained.lease).await;
+                                    break;
+                                }
+                            }
+                        }
                         drop(permit);
                     }));
                 }
@@ -215,10 +227,25 @@ async fn wait_for_work(
     }
 }
 
+/// Gives back a job claimed as shutdown began, before any of its work started.
+async fn give_back(ctx: &Services, lease: &Lease) {
+    match ctx.queue.release(lease).await {
+        Ok(_) => tracing::info!(job_id = %lease.job_id, "shutdown: gave back the job claimed last"),
+        Err(e) => {
+            tracing::warn!(job_id = %lease.job_id, error = %e, "could not give the job back; its lease will lapse")
+        }
+    }
+}
+
 /// Runs one claimed job until it finishes, waits for review, fails, is canceled, is given back
 /// or its lease is lost. The heartbeat runs inside this future, so aborting the task stops it
-/// too (and the lease then lapses).
-async fn run_job(ctx: &Services, claimed: Claimed, shutdown: &CancellationToken) {
+/// too (and the lease then lapses). A job that succeeds returns the worker's next job when one
+/// was claimed with the success.
+async fn run_job(
+    ctx: &Services,
+    claimed: Claimed,
+    shutdown: &CancellationToken,
+) -> Option<Claimed> {
     let Claimed { lease, job } = claimed;
     let span = tracing::info_span!("job", job_id = %lease.job_id, tenant_id = %lease.tenant_id, epoch = lease.epoch);
     async {
@@ -227,7 +254,7 @@ async fn run_job(ctx: &Services, claimed: Claimed, shutdown: &CancellationToken)
         let reason = OnceLock::new();
         let guard = guard(ctx, &lease, &stop, &reason, shutdown);
         tokio::select! {
-            _ = drive(ctx, lease, job, &stop, &reason, shutdown) => {}
+            next = drive(ctx, lease, job, &stop, &reason, shutdown) => next,
             never = guard => match never {},
         }
     }
@@ -249,8 +276,15 @@ async fn guard(
         stop.cancel();
     };
     let release_on_shutdown = async {
-        if ctx.config.shutdown_mode == ShutdownMode::Release {
+        if let Some(grace) = ctx.config.shutdown_grace() {
             shutdown.cancelled().await;
+            if !grace.is_zero() {
+                tokio::time::sleep(grace).await;
+                tracing::info!(
+                    timeout_secs = grace.as_secs_f64(),
+                    "shutdown: the stage did not finish in time"
+                );
+            }
             tracing::info!("shutdown: stopping the stage to release the job");
             trip(StopReason::Shutdown);
         }
@@ -306,7 +340,7 @@ async fn drive(
     stop: &CancellationToken,
     reason: &OnceLock<StopReason>,
     shutdown: &CancellationToken,
-) {
+) -> Option<Claimed> {
     // A job that comes back from review: each stage that ran before lets the approval take
     // effect (describe writes its artifacts from the approved texts) before any later stage.
     if job.spec.review {
@@ -320,14 +354,15 @@ async fn drive(
             let settled = guarded(stop, Box::pin(runner.after_review(&cx).instrument(span))).await;
             if let Err(e) = settled {
                 record_duration(done, e.outcome(), started);
-                return settle(ctx, &lease, Some(done), e, reason).await;
+                settle(ctx, &lease, Some(done), e, reason).await;
+                return None;
             }
         }
     }
     loop {
         if job.cancel_requested {
             let _ = reason.set(StopReason::Canceled);
-            return settle(
+            settle(
                 ctx,
                 &lease,
                 job.next_stage(),
@@ -335,17 +370,10 @@ async fn drive(
                 reason,
             )
             .await;
+            return None;
         }
         let Some(stage) = job.next_stage() else {
-            match ctx.queue.succeed(&lease).await {
-                Ok(_) => {
-                    metrics::counter!("sidbooth_jobs_finished_total", "status" => "succeeded")
-                        .increment(1);
-                    tracing::info!("job succeeded");
-                }
-                Err(e) => settle(ctx, &lease, None, e.into(), reason).await,
-            }
-            return;
+            return succeed(ctx, &lease, reason, shutdown).await;
         };
 
         let started = Instant::now();
@@ -392,10 +420,14 @@ async fn drive(
                     if shutdown.is_cancelled() && job.next_stage().is_some() {
                         tracing::info!("shutdown: stage finished, giving the job back");
                         let _ = reason.set(StopReason::Shutdown);
-                        return settle(ctx, &lease, next, StageError::Interrupted, reason).await;
+                        settle(ctx, &lease, next, StageError::Interrupted, reason).await;
+                        return None;
                     }
                 }
-                Err(e) => return settle(ctx, &lease, Some(stage), e.into(), reason).await,
+                Err(e) => {
+                    settle(ctx, &lease, Some(stage), e.into(), reason).await;
+                    return None;
+                }
             },
             Ok(StageOutcome::AwaitReview) => {
                 match ctx
@@ -409,9 +441,38 @@ async fn drive(
                     }
                     Err(e) => settle(ctx, &lease, Some(stage), e.into(), reason).await,
                 }
-                return;
+                return None;
             }
-            Err(e) => return settle(ctx, &lease, Some(stage), e, reason).await,
+            Err(e) => {
+                settle(ctx, &lease, Some(stage), e, reason).await;
+                return None;
+            }
+        }
+    }
+}
+
+/// Marks the job succeeded; unless the worker is shutting down, the same statement claims its
+/// next job, which is returned.
+async fn succeed(
+    ctx: &Services,
+    lease: &Lease,
+    reason: &OnceLock<StopReason>,
+    shutdown: &CancellationToken,
+) -> Option<Claimed> {
+    let done = if shutdown.is_cancelled() {
+        ctx.queue.succeed(lease).await.map(|job| (job, None))
+    } else {
+        ctx.queue.succeed_and_claim(lease).await
+    };
+    match done {
+        Ok((_, next)) => {
+            metrics::counter!("sidbooth_jobs_finished_total", "status" => "succeeded").increment(1);
+            tracing::info!("job succeeded");
+            next
+        }
+        Err(e) => {
+            settle(ctx, &lease, None, e.into(), reason).await;
+            None
         }
     }
 }

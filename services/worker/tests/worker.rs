@@ -531,6 +531,37 @@ async fn shutdown_in_finish_stage_mode_finishes_the_running_stage() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_past_its_timeout_gives_a_stage_that_runs_on_back() {
+    let env = Env::new().await;
+    let id = env.create_job(sid(false), 2).await;
+    env.vlm.set_base_delay(Duration::from_secs(20));
+    let mut config = env.config(ShutdownMode::FinishStage);
+    config.queue.lease_secs = 60.0;
+    config.shutdown_timeout_secs = Some(0.5);
+    let worker = spawn(env.worker_with(config, env.vlm_config()));
+    env.wait_until("a VLM request", WAIT, || async {
+        !env.vlm.requests().is_empty()
+    })
+    .await;
+
+    let stopping = tokio::time::Instant::now();
+    worker.stop().await;
+    let took = stopping.elapsed();
+    assert!(
+        took >= Duration::from_millis(500),
+        "the stage had its timeout to finish: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(4),
+        "the stage was stopped at the timeout, not finished: {took:?}"
+    );
+    let job = env.job(id).await;
+    assert_eq!(job.status, JobStatus::Queued, "given back, not lapsed");
+    assert!(job.error.is_none());
+    assert_eq!(job.attempts, 0, "a give-back does not count as a try");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_job_needing_a_model_fails_clearly_without_one() {
     let env = Env::new().await;
     let id = env.create_job(sid(false), 1).await;

@@ -311,3 +311,39 @@ async fn artifacts_download_through_presigned_urls() {
         content.as_slice()
     );
 }
+
+#[tokio::test]
+async fn presigned_urls_name_the_public_storage_endpoint_and_work_there() {
+    use sidbooth_core::{
+        testing::{TcpProxy, TestStorage},
+        ArtifactStore, StorageArgs,
+    };
+    let storage = TestStorage::start().await;
+    // Clients reach storage at another address than the service does.
+    let public = TcpProxy::start(storage.server.addr()).await;
+    let args = StorageArgs {
+        s3_public_endpoint: Some(public.http_url()),
+        ..storage.args.clone()
+    };
+    let store = ArtifactStore::with_static_credentials(
+        &args,
+        TestStorage::ACCESS_KEY,
+        TestStorage::SECRET_KEY,
+    );
+    store
+        .put("a/b.txt", b"hello".to_vec().into(), "text/plain")
+        .await
+        .unwrap();
+
+    let url = store.presign_get("a/b.txt").await.unwrap();
+    assert!(url.starts_with(&public.http_url()), "{url}");
+    let downloaded = reqwest::get(&url).await.unwrap();
+    assert_eq!(downloaded.status(), StatusCode::OK);
+    assert_eq!(downloaded.bytes().await.unwrap().as_ref(), b"hello");
+
+    let internal = storage.store.presign_get("a/b.txt").await.unwrap();
+    assert!(
+        internal.starts_with(&storage.server.endpoint()),
+        "without a public endpoint the URL names the S3 endpoint: {internal}"
+    );
+}

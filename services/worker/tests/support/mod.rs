@@ -94,6 +94,7 @@ impl Env {
             upload_part_mib: 64,
             concurrency: 2,
             shutdown_mode: mode,
+            shutdown_timeout_secs: None,
         }
     }
 
