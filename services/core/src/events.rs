@@ -61,13 +61,10 @@ impl Wake {
         self
     }
 
-    /// Both wakes' listeners.
+    /// Both wakes' listeners. A job named twice is notified once (Postgres folds identical
+    /// notifications of one transaction).
     pub fn and(mut self, other: Wake) -> Self {
-        for job in other.jobs {
-            if !self.jobs.contains(&job) {
-                self.jobs.push(job);
-            }
-        }
+        self.jobs.extend(other.jobs);
         self.webhooks |= other.webhooks;
         self.queue |= other.queue;
         self
@@ -97,7 +94,7 @@ impl Wake {
 
     /// Sends every notification in one statement, outside any transaction. A failure is logged,
     /// not returned: the change has committed and the listeners' polling finds it.
-    pub async fn send(self, pool: &PgPool) {
+    pub(crate) async fn send(self, pool: &PgPool) {
         if self.is_empty() {
             return;
         }
@@ -110,6 +107,51 @@ impl Wake {
                 .await;
         if let Err(e) = sent {
             tracing::warn!(error = %e, "could not notify listeners; they will find the change by polling");
+        }
+    }
+}
+
+/// Sends the wakes of committed changes from a background task, folding those that arrive
+/// while a send is in flight into the next statement: a worker does not wait a round trip for
+/// its listeners, and a busy queue sends one notifying statement for many changes. Clones share
+/// the task, which starts with the first wake and ends when the last clone is dropped.
+#[derive(Clone, Debug)]
+pub struct Notifier {
+    pool: PgPool,
+    sender: std::sync::Arc<std::sync::OnceLock<tokio::sync::mpsc::UnboundedSender<Wake>>>,
+}
+
+impl Notifier {
+    pub fn new(pool: PgPool) -> Self {
+        Self {
+            pool,
+            sender: Default::default(),
+        }
+    }
+
+    /// Queues `wake` to be sent as soon as possible; call it once the change has committed,
+    /// inside the runtime.
+    pub fn wake(&self, wake: Wake) {
+        if wake.is_empty() {
+            return;
+        }
+        let sender = self.sender.get_or_init(|| {
+            let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(Self::send_all(self.pool.clone(), receiver));
+            sender
+        });
+        if let Err(unsent) = sender.send(wake) {
+            // The task is gone only when its runtime is shutting down: nobody is left to wait.
+            tracing::debug!(wake = ?unsent.0, "not notified: the notifier has stopped");
+        }
+    }
+
+    async fn send_all(pool: PgPool, mut wakes: tokio::sync::mpsc::UnboundedReceiver<Wake>) {
+        while let Some(mut wake) = wakes.recv().await {
+            while let Ok(more) = wakes.try_recv() {
+                wake = wake.and(more);
+            }
+            wake.send(&pool).await;
         }
     }
 }

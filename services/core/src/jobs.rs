@@ -12,7 +12,7 @@ use uuid::Uuid;
 use crate::{
     columns::JOB_COLUMNS,
     error::{CoreError, Result},
-    events::{self, JobEvent},
+    events::{self, JobEvent, Notifier},
 };
 
 /// Why a job failed (or the last transient error before a retry).
@@ -309,11 +309,15 @@ pub struct ListPage {
 #[derive(Clone, Debug)]
 pub struct JobStore {
     pool: PgPool,
+    notifier: Notifier,
 }
 
 impl JobStore {
     pub fn new(pool: PgPool) -> Self {
-        Self { pool }
+        Self {
+            notifier: Notifier::new(pool.clone()),
+            pool,
+        }
     }
 
     pub fn pool(&self) -> &PgPool {
@@ -402,7 +406,7 @@ impl JobStore {
         let record = JobRecord::try_from(row)?;
         let wake = events::record_status(&mut *tx, &record).await?;
         tx.commit().await?;
-        wake.with_queue().send(&self.pool).await;
+        self.notifier.wake(wake.with_queue());
         Ok(Created::New(record))
     }
 
@@ -597,7 +601,7 @@ impl JobStore {
         )
         .await?;
         tx.commit().await?;
-        wake.send(&self.pool).await;
+        self.notifier.wake(wake);
         Ok(previous.filter(|k| *k != artifact.object_key))
     }
 
@@ -654,7 +658,7 @@ impl JobStore {
         )
         .await?;
         tx.commit().await?;
-        wake.send(&self.pool).await;
+        self.notifier.wake(wake);
         self.descriptions(id).await
     }
 
@@ -691,7 +695,7 @@ impl JobStore {
         let record = JobRecord::try_from(row)?;
         let wake = events::record_status(&mut *tx, &record).await?;
         tx.commit().await?;
-        wake.with_queue().send(&self.pool).await;
+        self.notifier.wake(wake.with_queue());
         Ok(record)
     }
 
@@ -726,7 +730,7 @@ impl JobStore {
         };
         let wake = events::record_change(&mut *tx, id, kind).await?;
         tx.commit().await?;
-        wake.send(&self.pool).await;
+        self.notifier.wake(wake);
         Ok(record)
     }
 

@@ -23,7 +23,7 @@ use crate::{
     columns::JOB_COLUMNS,
     config::QueueSettings,
     error::{CoreError, Result},
-    events::{self, ChangedRow, Wake},
+    events::{self, ChangedRow, Notifier, Wake},
     jobs::{mask_source_str, JobError, JobRecord, JobRow, JobWarning, NewArtifact, NewDescription},
 };
 
@@ -57,6 +57,10 @@ pub enum RetryDecision {
 #[derive(Clone, Debug)]
 pub struct Queue {
     pool: PgPool,
+    notifier: Notifier,
+    /// The task that records successes and claims next jobs for all of this queue's clones
+    /// together ([`Queue::succeed_and_claim`]); started with the first success.
+    chain: std::sync::Arc<std::sync::OnceLock<ChainSender>>,
     settings: QueueSettings,
     worker_id: Uuid,
 }
@@ -85,29 +89,35 @@ fn under_running_limit(limit: &str, not_counted: &str) -> String {
     )
 }
 
-/// The claim's update: the next claimable job becomes `worker`'s for `lease_secs` under a new
-/// epoch. `only_if` and `skip` are predicates (ending in `AND`) on the whole update and on the
-/// candidate `c`; `not_counted` is passed to [`under_running_limit`].
+/// The claim's update: the next claimable job (or the next `how_many`) becomes `worker`'s for
+/// `lease_secs` under a new epoch. `skip` is a predicate (ending in `AND`) on the candidate
+/// `c`; `not_counted` is passed to [`under_running_limit`].
 fn claim_update(
     worker: &str,
     lease_secs: &str,
     limit: &str,
-    only_if: &str,
+    how_many: Option<&str>,
     skip: &str,
     not_counted: &str,
 ) -> String {
     let under_limit = under_running_limit(limit, not_counted);
+    // `= ANY(ARRAY(…))` for several: the planner then looks the picked ids up by key, where
+    // `IN (…)` had it hash-join them against a scan of the whole table.
+    let (pick, close, count) = match how_many {
+        None => ("= (", ")", "1"),
+        Some(n) => ("= ANY(ARRAY(", "))", n),
+    };
     format!(
         "UPDATE jobs SET status = 'running', lease_owner = {worker},
                 lease_expires_at = now() + make_interval(secs => {lease_secs}),
                 lease_epoch = lease_epoch + 1, attempts = attempts + 1, updated_at = now()
-         WHERE {only_if} id = (
+         WHERE id {pick}
              SELECT id FROM jobs c
              WHERE {skip} ((status = 'queued' AND run_after <= now() AND {under_limit})
                            OR (status = 'running' AND lease_expires_at < now()))
              ORDER BY run_after, id
              FOR UPDATE SKIP LOCKED
-             LIMIT 1)
+             LIMIT {count}{close}
          RETURNING {JOB_COLUMNS}, lease_epoch"
     )
 }
@@ -120,26 +130,34 @@ const SUCCEEDED: &str = "status = 'succeeded', stage = NULL, progress = 1, lease
 /// the default running limit), built once: it is the queue's hottest statement.
 fn claim_sql() -> &'static str {
     static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
-    SQL.get_or_init(|| events::status_change(&claim_update("$1", "$2", "$3", "", "", ""), "status"))
+    SQL.get_or_init(|| {
+        events::status_change(&claim_update("$1", "$2", "$3", None, "", ""), "status")
+    })
 }
 
-/// A job's success and the claim of the worker's next job in one statement (`$1` job id, `$2`
-/// epoch, `$3` NULL, `$4` worker, `$5` lease seconds, `$6` the default running limit): one
-/// round trip and one commit where there were two. The claim happens only when the fenced
-/// success matched (`done`), and the finishing job, still running in the statement's snapshot,
-/// does not count against its tenant's running limit. Both rows get their status event and
-/// webhook messages; `claimed` tells them apart.
+/// Jobs' successes and the claims of as many next jobs in one statement (`$1` job ids, `$2`
+/// their epochs, `$3` NULL, `$4` worker, `$5` lease seconds, `$6` the default running limit):
+/// one round trip and one commit where there were two per job. Each success is fenced by its
+/// own lease (`done` holds those that matched); one job is claimed per matched success, so a
+/// fenced-out worker claims nothing; the finishing jobs, still running in the statement's
+/// snapshot, do not count against their tenants' running limits. Every row gets its status
+/// event and webhook messages; `claimed` tells the two kinds apart.
 fn succeed_and_claim_sql() -> &'static str {
     static SQL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     SQL.get_or_init(|| {
-        let done = Queue::fenced_update(SUCCEEDED);
+        let done = format!(
+            "UPDATE jobs SET {SUCCEEDED}, updated_at = now()
+             FROM unnest($1::uuid[], $2::bigint[]) AS l(lease_job_id, lease_job_epoch)
+             WHERE id = l.lease_job_id AND lease_epoch = l.lease_job_epoch AND status = 'running'
+             RETURNING {JOB_COLUMNS}"
+        );
         let next = claim_update(
             "$4",
             "$5",
             "$6",
-            "EXISTS (SELECT 1 FROM done) AND",
-            "c.id <> $1 AND",
-            "AND r.id <> $1",
+            Some("(SELECT count(*) FROM done)"),
+            "c.id <> ALL($1) AND",
+            "AND r.id <> ALL($1)",
         );
         events::status_change_after(
             &format!("done AS ({done}), next AS ({next}),"),
@@ -150,9 +168,23 @@ fn succeed_and_claim_sql() -> &'static str {
     })
 }
 
+/// Most successes one statement records (a worker has at most this many slots finishing at
+/// the same moment in practice; more wait for the next statement).
+const MAX_CHAIN: usize = 64;
+
+/// A slot's finished job, waiting for the statement that records it and claims the slot's next.
+struct ChainRequest {
+    lease: Lease,
+    reply: tokio::sync::oneshot::Sender<Result<(JobRecord, Option<Claimed>)>>,
+}
+
+type ChainSender = tokio::sync::mpsc::UnboundedSender<ChainRequest>;
+
 impl Queue {
     pub fn new(pool: PgPool, settings: QueueSettings) -> Self {
         Self {
+            notifier: Notifier::new(pool.clone()),
+            chain: Default::default(),
             pool,
             settings,
             worker_id: Uuid::now_v7(),
@@ -192,18 +224,100 @@ impl Queue {
         let Some(row) = row else {
             return Ok(None);
         };
-        row.wake(row.row.job.id).send(&self.pool).await;
+        self.notifier.wake(row.wake(row.row.job.id));
         Ok(Some(Claimed::try_from(row.row)?))
     }
 
     /// Marks the job succeeded and, in the same statement, claims this worker's next job (None:
     /// nothing to do). A worker that runs job after job pays one round trip and one commit
-    /// between two jobs instead of two.
+    /// between two jobs instead of two; slots of this queue (and its clones) finishing at the
+    /// same moment share one statement. A stale lease gets [`CoreError::LeaseLost`] and claims
+    /// nothing.
     #[tracing::instrument(skip(self), fields(worker = %self.worker_id))]
     pub async fn succeed_and_claim(&self, lease: &Lease) -> Result<(JobRecord, Option<Claimed>)> {
+        let sender = self.chain.get_or_init(|| {
+            let (sender, requests) = tokio::sync::mpsc::unbounded_channel();
+            // The task's queue has a chain of its own, never started, so the task does not keep
+            // its own channel open: it ends when the last clone of this queue is dropped.
+            let queue = Queue {
+                chain: Default::default(),
+                ..self.clone()
+            };
+            tokio::spawn(queue.chain_all(requests));
+            sender
+        });
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let request = ChainRequest {
+            lease: *lease,
+            reply,
+        };
+        if let Err(unsent) = sender.send(request) {
+            // The task has stopped (its runtime is shutting down): record it here.
+            return self.chain_batch(&[unsent.0.lease]).await?.remove(0);
+        }
+        match answer.await {
+            Ok(result) => result,
+            Err(_) => self.chain_batch(&[*lease]).await?.remove(0),
+        }
+    }
+
+    /// Records the successes that wait, together, until every clone of the queue is dropped.
+    async fn chain_all(self, mut requests: tokio::sync::mpsc::UnboundedReceiver<ChainRequest>) {
+        // One statement at a time: while it runs, the slots that finish meanwhile form the next
+        // batch. (Two or four in flight were measured slower: the statements then contend for
+        // the head of the queue.)
+        while let Some(first) = requests.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < MAX_CHAIN {
+                match requests.try_recv() {
+                    Ok(more) => batch.push(more),
+                    Err(_) => break,
+                }
+            }
+            self.answer(batch).await;
+        }
+    }
+
+    /// Runs one batch's statement and answers each of its slots.
+    async fn answer(&self, batch: Vec<ChainRequest>) {
+        let leases: Vec<Lease> = batch.iter().map(|r| r.lease).collect();
+        let results = match self.chain_batch(&leases).await {
+            Ok(results) => results,
+            // One statement for one job: its error is that job's.
+            Err(e) if leases.len() == 1 => vec![Err(e)],
+            // Each on its own, so that every slot gets its own answer.
+            Err(_) => {
+                let mut results = Vec::with_capacity(leases.len());
+                for lease in &leases {
+                    results.push(match self.chain_batch(std::slice::from_ref(lease)).await {
+                        Ok(mut one) => one.remove(0),
+                        Err(e) => Err(e),
+                    });
+                }
+                results
+            }
+        };
+        for (request, result) in batch.into_iter().zip(results) {
+            if let Err(Ok((_, Some(orphan)))) = request.reply.send(result) {
+                // The slot stopped waiting (its task was aborted): give its next job back.
+                if let Err(e) = self.release(&orphan.lease).await {
+                    tracing::warn!(job_id = %orphan.lease.job_id, error = %e,
+                        "could not give back a job claimed for a slot that stopped waiting");
+                }
+            }
+        }
+    }
+
+    /// One statement for `leases` ([`succeed_and_claim_sql`]): each lease's result in order.
+    async fn chain_batch(
+        &self,
+        leases: &[Lease],
+    ) -> Result<Vec<Result<(JobRecord, Option<Claimed>)>>> {
+        let ids: Vec<Uuid> = leases.iter().map(|l| l.job_id).collect();
+        let epochs: Vec<i64> = leases.iter().map(|l| l.epoch).collect();
         let rows: Vec<ChangedRow<ChainRow>> = sqlx::query_as(succeed_and_claim_sql())
-            .bind(lease.job_id)
-            .bind(lease.epoch)
+            .bind(&ids)
+            .bind(&epochs)
             .bind(None::<serde_json::Value>)
             .bind(self.worker_id)
             .bind(self.settings.lease_secs)
@@ -211,7 +325,8 @@ impl Queue {
             .fetch_all(&self.pool)
             .await?;
         let mut wake = Wake::default();
-        let (mut done, mut next) = (None, None);
+        let mut done = std::collections::HashMap::new();
+        let mut next = Vec::new();
         for row in rows {
             wake = wake.and(row.wake(row.row.job.id));
             match row.row {
@@ -219,13 +334,31 @@ impl Queue {
                     job,
                     lease_epoch: Some(lease_epoch),
                     claimed: true,
-                } => next = Some(ClaimRow { job, lease_epoch }),
-                ChainRow { job, .. } => done = Some(job),
+                } => next.push(ClaimRow { job, lease_epoch }),
+                ChainRow { job, .. } => {
+                    done.insert(job.id, job);
+                }
             }
         }
-        wake.send(&self.pool).await;
-        let done = done.ok_or(CoreError::LeaseLost)?.try_into()?;
-        Ok((done, next.map(Claimed::try_from).transpose()?))
+        self.notifier.wake(wake);
+        let mut next = next.into_iter();
+        let results = leases
+            .iter()
+            .map(|lease| {
+                let job = done.remove(&lease.job_id).ok_or(CoreError::LeaseLost)?;
+                Ok((
+                    JobRecord::try_from(job)?,
+                    next.next().map(Claimed::try_from).transpose()?,
+                ))
+            })
+            .collect();
+        // One claim per matched success, handed out in order: none is left over, unless the
+        // same lease came twice; such a claim is given back at once.
+        for extra in next {
+            let lease = Claimed::try_from(extra)?.lease;
+            self.release(&lease).await?;
+        }
+        Ok(results)
     }
 
     /// Renews the lease. Fails with LeaseLost when another worker took the job over, or when it
@@ -257,7 +390,7 @@ impl Queue {
         let (record, wake) = self
             .transition_waking(lease, set, bind_error, args, event_kind)
             .await?;
-        wake.send(&self.pool).await;
+        self.notifier.wake(wake);
         Ok(record)
     }
 
@@ -351,7 +484,7 @@ impl Queue {
         if done.rows_affected() != 1 {
             return Err(CoreError::LeaseLost);
         }
-        Wake::job(lease.job_id).send(&self.pool).await;
+        self.notifier.wake(Wake::job(lease.job_id));
         Ok(())
     }
 
@@ -472,7 +605,7 @@ impl Queue {
         .await?;
         let wake = events::record_status(&mut *tx, &record).await?;
         tx.commit().await?;
-        wake.send(&self.pool).await;
+        self.notifier.wake(wake);
         Ok(RetryDecision::RetryAfter(delay))
     }
 
@@ -497,7 +630,7 @@ impl Queue {
                 "status",
             )
             .await?;
-        wake.with_queue().send(&self.pool).await;
+        self.notifier.wake(wake.with_queue());
         Ok(record)
     }
 
@@ -584,7 +717,7 @@ impl Queue {
         if done.rows_affected() != 1 {
             return Err(CoreError::LeaseLost);
         }
-        Wake::job(lease.job_id).send(&self.pool).await;
+        self.notifier.wake(Wake::job(lease.job_id));
         Ok(())
     }
 

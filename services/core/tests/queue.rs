@@ -566,3 +566,64 @@ async fn a_change_wakes_its_listeners_after_it_commits() {
         assert_eq!(event.payload(), id.to_string(), "{what}");
     }
 }
+
+#[tokio::test]
+async fn slots_finishing_together_each_get_their_own_next_job() {
+    let db = TestDb::new().await;
+    let store = JobStore::new(db.pool.clone());
+    let t = tenant(&db, "slots").await;
+    let queue = Queue::new(db.pool.clone(), fast_settings());
+    let mut ids = Vec::new();
+    for i in 0..7u8 {
+        ids.push(create(&store, new_job(t, 0, None, &[i])).await);
+    }
+    let running: Vec<_> = futures_claims(&queue, 4).await;
+    // A stale lease among them: fenced out, it claims nothing, and the others are unaffected.
+    let stale = sidbooth_core::Lease {
+        epoch: running[3].lease.epoch + 1,
+        ..running[3].lease
+    };
+    let (a, b, c, d) = tokio::join!(
+        queue.succeed_and_claim(&running[0].lease),
+        queue.succeed_and_claim(&running[1].lease),
+        queue.succeed_and_claim(&running[2].lease),
+        queue.succeed_and_claim(&stale),
+    );
+    assert!(matches!(d, Err(CoreError::LeaseLost)), "{d:?}");
+    let mut next = Vec::new();
+    for (result, finished) in [a, b, c].into_iter().zip(&running) {
+        let (done, claimed) = result.unwrap();
+        assert_eq!(done.id, finished.job.id);
+        assert_eq!(done.status, JobStatus::Succeeded);
+        next.push(claimed.expect("a next job for every slot that finished"));
+    }
+    let mut next_ids: Vec<Uuid> = next.iter().map(|c| c.job.id).collect();
+    next_ids.sort();
+    next_ids.dedup();
+    assert_eq!(next_ids.len(), 3, "three different jobs");
+    for claimed in &next {
+        assert!(!running.iter().any(|r| r.job.id == claimed.job.id));
+        assert_eq!(claimed.job.status, JobStatus::Running);
+        queue.heartbeat(&claimed.lease).await.unwrap();
+    }
+    assert_eq!(
+        store.get(t, running[3].job.id).await.unwrap().status,
+        JobStatus::Running,
+        "the job behind the stale lease is untouched"
+    );
+    // Seven jobs: three succeeded, four running (one from the start, three handed over), none
+    // queued: nobody claimed more than was asked for.
+    let counts = store.status_counts().await.unwrap();
+    let count = |s: JobStatus| counts.iter().find(|(c, _)| *c == s).map_or(0, |(_, n)| *n);
+    assert_eq!(count(JobStatus::Succeeded), 3);
+    assert_eq!(count(JobStatus::Running), 4);
+    assert_eq!(count(JobStatus::Queued), 0);
+}
+
+async fn futures_claims(queue: &Queue, n: usize) -> Vec<sidbooth_core::Claimed> {
+    let mut claimed = Vec::new();
+    for _ in 0..n {
+        claimed.push(queue.claim().await.unwrap().expect("a job to claim"));
+    }
+    claimed
+}

@@ -2,15 +2,18 @@
 //!
 //! ```text
 //! cargo run -p sidbooth-worker --example bench_queue -- [JOBS] [WORKERS] [--stage] [--separate]
+//!     [--queue-per-worker]
 //! ```
 //!
 //! Creates JOBS queued jobs (default 10000) in a fresh database on the test Postgres server
 //! (SIDBOOTH_TEST_DATABASE_URL or postgres://postgres@127.0.0.1:5432), then runs WORKERS
-//! (default 4) loops until the queue is empty, as the worker runs jobs: `Queue::claim` once,
-//! then `Queue::succeed_and_claim` for each job, which hands over the next. With `--separate`
-//! each job is a `Queue::claim` and a `Queue::succeed` (two statements, two commits). With
-//! `--stage` each job also goes through `Queue::complete_stage`, as a one-stage job run by the
-//! worker does.
+//! (default 4) loops until the queue is empty, as the worker's slots run jobs: `Queue::claim`
+//! once, then `Queue::succeed_and_claim` for each job, which hands over the next. The loops
+//! share one `Queue`, as the slots of a worker with `--concurrency WORKERS` do (and as
+//! graphile-worker's runner at that concurrency does); with `--queue-per-worker` each loop has
+//! its own, as separate worker processes would. With `--separate` each job is a `Queue::claim`
+//! and a `Queue::succeed` (two statements, two commits). With `--stage` each job also goes
+//! through `Queue::complete_stage`, as a one-stage job run by the worker does.
 
 use std::time::Instant;
 
@@ -23,6 +26,7 @@ async fn main() -> anyhow::Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let with_stage = args.iter().any(|a| a == "--stage");
     let separate = args.iter().any(|a| a == "--separate");
+    let queue_per_worker = args.iter().any(|a| a == "--queue-per-worker");
     let numbers: Vec<usize> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let jobs_n = numbers.first().copied().unwrap_or(10_000);
     let workers = numbers.get(1).copied().unwrap_or(4);
@@ -67,8 +71,13 @@ async fn main() -> anyhow::Result<()> {
     let settings = QueueSettings::default();
     let started = Instant::now();
     let mut tasks = Vec::new();
+    let shared = Queue::new(db.pool.clone(), settings.clone());
     for _ in 0..workers {
-        let queue = Queue::new(db.pool.clone(), settings.clone());
+        let queue = if queue_per_worker {
+            Queue::new(db.pool.clone(), settings.clone())
+        } else {
+            shared.clone()
+        };
         tasks.push(tokio::spawn(async move {
             let mut done = 0usize;
             let mut next = queue.claim().await?;
@@ -106,7 +115,12 @@ async fn main() -> anyhow::Result<()> {
     );
     assert_eq!(total, jobs_n);
     println!(
-        "{workers} workers: {total} jobs claimed and completed{}{} in {secs:.2}s = {:.0} jobs/s",
+        "{workers} {}: {total} jobs claimed and completed{}{} in {secs:.2}s = {:.0} jobs/s",
+        if queue_per_worker {
+            "workers with a queue each"
+        } else {
+            "slots of one worker"
+        },
         if separate {
             " (claim and succeed apart)"
         } else {
