@@ -172,6 +172,11 @@ fn succeed_and_claim_sql() -> &'static str {
 /// the same moment in practice; more wait for the next statement).
 const MAX_CHAIN: usize = 64;
 
+/// How many times the batching task lets other tasks run while it waits for the slots it gave
+/// jobs last time (a slot whose job is quick comes back within microseconds; one whose job
+/// takes minutes is not waited for).
+const GATHER_YIELDS: usize = 8;
+
 /// A slot's finished job, waiting for the statement that records it and claims the slot's next.
 struct ChainRequest {
     lease: Lease,
@@ -265,21 +270,33 @@ impl Queue {
     async fn chain_all(self, mut requests: tokio::sync::mpsc::UnboundedReceiver<ChainRequest>) {
         // One statement at a time: while it runs, the slots that finish meanwhile form the next
         // batch. (Two or four in flight were measured slower: the statements then contend for
-        // the head of the queue.)
+        // the head of the queue.) Before sending a batch smaller than the number of slots the
+        // last one gave jobs to, let them run a few times: a quick job comes back at once and
+        // joins the batch instead of costing a statement of its own.
+        let mut handed_out = 0;
         while let Some(first) = requests.recv().await {
             let mut batch = vec![first];
-            while batch.len() < MAX_CHAIN {
-                match requests.try_recv() {
-                    Ok(more) => batch.push(more),
-                    Err(_) => break,
+            let mut yields = 0;
+            loop {
+                while batch.len() < MAX_CHAIN {
+                    match requests.try_recv() {
+                        Ok(more) => batch.push(more),
+                        Err(_) => break,
+                    }
                 }
+                if batch.len() >= handed_out.min(MAX_CHAIN) || yields == GATHER_YIELDS {
+                    break;
+                }
+                tokio::task::yield_now().await;
+                yields += 1;
             }
-            self.answer(batch).await;
+            handed_out = self.answer(batch).await;
         }
     }
 
-    /// Runs one batch's statement and answers each of its slots.
-    async fn answer(&self, batch: Vec<ChainRequest>) {
+    /// Runs one batch's statement and answers each of its slots; returns how many got a next
+    /// job.
+    async fn answer(&self, batch: Vec<ChainRequest>) -> usize {
         let leases: Vec<Lease> = batch.iter().map(|r| r.lease).collect();
         let results = match self.chain_batch(&leases).await {
             Ok(results) => results,
@@ -297,6 +314,10 @@ impl Queue {
                 results
             }
         };
+        let handed_out = results
+            .iter()
+            .filter(|r| matches!(r, Ok((_, Some(_)))))
+            .count();
         for (request, result) in batch.into_iter().zip(results) {
             if let Err(Ok((_, Some(orphan)))) = request.reply.send(result) {
                 // The slot stopped waiting (its task was aborted): give its next job back.
@@ -306,6 +327,7 @@ impl Queue {
                 }
             }
         }
+        handed_out
     }
 
     /// One statement for `leases` ([`succeed_and_claim_sql`]): each lease's result in order.
