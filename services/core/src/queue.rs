@@ -409,30 +409,14 @@ impl Queue {
         args: &[SetArg<'_>],
         event_kind: &'static str,
     ) -> Result<JobRecord> {
-        let (record, wake) = self
-            .transition_waking(lease, set, bind_error, args, event_kind)
-            .await?;
-        self.notifier.wake(wake);
-        Ok(record)
-    }
-
-    /// [`Self::transition`] that leaves the wake to the caller, who may add to it.
-    async fn transition_waking(
-        &self,
-        lease: &Lease,
-        set: &'static str,
-        bind_error: Option<&JobError>,
-        args: &[SetArg<'_>],
-        event_kind: &'static str,
-    ) -> Result<(JobRecord, Wake)> {
         let sql = events::status_change(&Self::fenced_update(set), event_kind);
         let row: Option<ChangedRow<JobRow>> =
             Self::bind_transition(sqlx::query_as(&sql), lease, bind_error, args)?
                 .fetch_optional(&self.pool)
                 .await?;
         let row = row.ok_or(CoreError::LeaseLost)?;
-        let wake = row.wake(lease.job_id);
-        Ok((row.row.try_into()?, wake))
+        self.notifier.wake(row.wake(lease.job_id));
+        row.row.try_into()
     }
 
     /// `set` is a fixed SQL fragment: `$1`, `$2` are the fence's, `$3` the error, `$4`… the
@@ -641,8 +625,8 @@ impl Queue {
     /// Gives a job back without counting a failed try (graceful shutdown): another worker can
     /// claim it at once.
     pub async fn release(&self, lease: &Lease) -> Result<JobRecord> {
-        let (record, wake) = self
-            .transition_waking(
+        let record = self
+            .transition(
                 lease,
                 "status = 'queued', lease_owner = NULL, lease_expires_at = NULL,
                  run_after = now(), attempts = greatest(attempts - 1, 0),
@@ -652,7 +636,8 @@ impl Queue {
                 "status",
             )
             .await?;
-        self.notifier.wake(wake.with_queue());
+        // Idle workers may claim it at once.
+        self.notifier.wake(Wake::default().with_queue());
         Ok(record)
     }
 
