@@ -70,7 +70,8 @@ const PROGRESS_EVERY: Duration = Duration::from_millis(250);
 /// What the engine thread tells the async side.
 enum EngineEvent {
     Step(StepReport),
-    Checkpoint(u64, PathBuf),
+    /// A checkpoint folder to store; the engine waits for `stored` before it goes on.
+    Checkpoint(u64, PathBuf, tokio::sync::oneshot::Sender<()>),
 }
 
 fn engine_error(e: impl std::fmt::Display) -> StageError {
@@ -362,7 +363,16 @@ async fn run(cx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
                 let _ = step_tx.send(EngineEvent::Step(report.clone()));
             })
             .on_checkpoint(move |step, dir: &Path| {
-                let _ = tx.send(EngineEvent::Checkpoint(step, dir.to_owned()));
+                let (stored, wait) = tokio::sync::oneshot::channel();
+                if tx
+                    .send(EngineEvent::Checkpoint(step, dir.to_owned(), stored))
+                    .is_ok()
+                {
+                    // Wait until the checkpoint is stored: the trainer prunes old checkpoint
+                    // folders as it goes, and a fast one (the tiny model takes milliseconds a
+                    // step) would delete a folder still being uploaded.
+                    let _ = wait.blocking_recv();
+                }
             })
             .cancel_flag(flag);
         train::run::run(&config, &models, Some(engine.as_ref()), &mut callbacks)
@@ -389,9 +399,10 @@ async fn run(cx: &StageContext<'_>) -> Result<StageOutcome, StageError> {
                     .await?;
                 }
             }
-            EngineEvent::Checkpoint(step, dir) => {
+            EngineEvent::Checkpoint(step, dir, stored) => {
                 upload_checkpoint(cx, &dir).await?;
                 tracing::debug!(step, "checkpoint stored");
+                let _ = stored.send(());
             }
         }
     }
