@@ -74,6 +74,15 @@ enum SetArg<'a> {
 /// The predicate of every fenced write: `$1` job id, `$2` epoch.
 const FENCE: &str = "id = $1 AND lease_epoch = $2 AND status = 'running'";
 
+/// A fenced update (`set`) and an event of `kind` with `data` in one statement, atomic without
+/// a transaction: it affects one row when the lease holds, none when it was lost.
+fn fenced_with_event(set: &str, kind: &str, data: &str) -> String {
+    format!(
+        "WITH u AS (UPDATE jobs SET {set}, updated_at = now() WHERE {FENCE} RETURNING id)
+         INSERT INTO job_events (job_id, kind, data) SELECT id, '{kind}', {data} FROM u"
+    )
+}
+
 /// A queued candidate `c` may start: its tenant runs fewer jobs than its limit
 /// (`tenant_limits`, else the default bound as `limit`; 0 is none), not counting the jobs
 /// `not_counted` matches (`r` is the running job). A taken-over job whose worker died is not
@@ -473,12 +482,10 @@ impl Queue {
         if let (Some(data), serde_json::Value::Object(extra)) = (data.as_object_mut(), detail) {
             data.extend(extra);
         }
-        // One statement: the fenced update and its event, atomic without a transaction.
-        let done = sqlx::query(&format!(
-            "WITH u AS (
-                 UPDATE jobs SET stage = $3, progress = $4, updated_at = now() WHERE {FENCE}
-                 RETURNING id)
-             INSERT INTO job_events (job_id, kind, data) SELECT id, 'progress', $5 FROM u"
+        let done = sqlx::query(&fenced_with_event(
+            "stage = $3, progress = $4",
+            "progress",
+            "$5",
         ))
         .bind(lease.job_id)
         .bind(lease.epoch)
@@ -705,15 +712,13 @@ impl Queue {
     /// Adds a warning to the job (replacing an earlier one with the same code) and records it as
     /// an event.
     pub async fn warn(&self, lease: &Lease, warning: &JobWarning) -> Result<()> {
-        let done = sqlx::query(&format!(
-            "WITH u AS (
-                 UPDATE jobs SET warnings = (
-                     SELECT coalesce(jsonb_agg(w), '[]'::jsonb) FROM jsonb_array_elements(warnings) w
-                     WHERE w->>'code' <> $3
-                 ) || jsonb_build_array($4::jsonb), updated_at = now()
-                 WHERE {FENCE}
-                 RETURNING id)
-             INSERT INTO job_events (job_id, kind, data) SELECT id, 'warning', $4 FROM u"
+        let done = sqlx::query(&fenced_with_event(
+            "warnings = (
+                 SELECT coalesce(jsonb_agg(w), '[]'::jsonb) FROM jsonb_array_elements(warnings) w
+                 WHERE w->>'code' <> $3
+             ) || jsonb_build_array($4::jsonb)",
+            "warning",
+            "$4",
         ))
         .bind(lease.job_id)
         .bind(lease.epoch)
