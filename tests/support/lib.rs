@@ -56,7 +56,7 @@ pub fn fast_queue() -> QueueSettings {
         max_attempts: 4,
         retry_base_secs: 0.1,
         retry_max_secs: 0.5,
-        max_running_jobs: 0,
+        ..QueueSettings::default()
     }
 }
 

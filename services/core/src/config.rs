@@ -110,6 +110,11 @@ pub struct QueueSettings {
     /// instant can pass it by one each.
     #[arg(long, env = "SIDBOOTH_MAX_RUNNING_JOBS", default_value_t = 0)]
     pub max_running_jobs: u32,
+    /// Claiming ahead: while a worker's jobs finish within this many seconds of starting, each
+    /// slot gets its next job claimed ahead (given back if unused within a second) and does not
+    /// wait for the previous success's commit; slower jobs claim nothing ahead. 0: never.
+    #[arg(long, env = "SIDBOOTH_QUICK_JOB_SECS", default_value_t = 0.05)]
+    pub quick_job_secs: f64,
 }
 
 impl Default for QueueSettings {
@@ -122,6 +127,7 @@ impl Default for QueueSettings {
             retry_base_secs: 2.0,
             retry_max_secs: 300.0,
             max_running_jobs: 0,
+            quick_job_secs: 0.05,
         }
     }
 }

@@ -356,7 +356,7 @@ impl JobStore {
             "INSERT INTO jobs (id, tenant_id, spec, status, stage, max_attempts, idempotency_key,
                                request_hash, image_count)
              VALUES ($1, $2, $3, 'queued', $4, $5, $6, $7, $8)
-             ON CONFLICT (tenant_id, idempotency_key) DO NOTHING
+             ON CONFLICT (tenant_id, idempotency_key) WHERE idempotency_key IS NOT NULL DO NOTHING
              RETURNING {JOB_COLUMNS}"
         ))
         .bind(job.id)
@@ -551,15 +551,21 @@ impl JobStore {
         let mut tx = self.pool.begin().await?;
         let job = Self::lock(&mut tx, tenant, id).await?;
         if job.status != JobStatus::AwaitingReview {
-            return Err(CoreError::Conflict(format!(
-                "masks can be replaced only while the job is awaiting_review; it is {}",
-                job.status
-            )));
+            return refuse(
+                tx,
+                CoreError::Conflict(format!(
+                    "masks can be replaced only while the job is awaiting_review; it is {}",
+                    job.status
+                )),
+            )
+            .await;
         }
         if idx < 0 || idx >= job.image_count {
-            return Err(CoreError::Conflict(format!(
-                "the job has no image with index {idx}"
-            )));
+            return refuse(
+                tx,
+                CoreError::Conflict(format!("the job has no image with index {idx}")),
+            )
+            .await;
         }
         let previous: Option<String> =
             sqlx::query_scalar("SELECT object_key FROM artifacts WHERE job_id = $1 AND name = $2")
@@ -629,10 +635,14 @@ impl JobStore {
         let mut tx = self.pool.begin().await?;
         let job = Self::lock(&mut tx, tenant, id).await?;
         if job.status != JobStatus::AwaitingReview {
-            return Err(CoreError::Conflict(format!(
-                "descriptions can be edited only while the job is awaiting_review; it is {}",
-                job.status
-            )));
+            return refuse(
+                tx,
+                CoreError::Conflict(format!(
+                    "descriptions can be edited only while the job is awaiting_review; it is {}",
+                    job.status
+                )),
+            )
+            .await;
         }
         for (idx, text) in edits {
             let done = sqlx::query(
@@ -645,9 +655,11 @@ impl JobStore {
             .execute(&mut *tx)
             .await?;
             if done.rows_affected() != 1 {
-                return Err(CoreError::Conflict(format!(
-                    "the job has no image with index {idx}"
-                )));
+                return refuse(
+                    tx,
+                    CoreError::Conflict(format!("the job has no image with index {idx}")),
+                )
+                .await;
             }
         }
         let wake = events::record(
@@ -668,10 +680,14 @@ impl JobStore {
         let mut tx = self.pool.begin().await?;
         let job = Self::lock(&mut tx, tenant, id).await?;
         if job.status != JobStatus::AwaitingReview {
-            return Err(CoreError::Conflict(format!(
-                "only a job awaiting_review can be approved; it is {}",
-                job.status
-            )));
+            return refuse(
+                tx,
+                CoreError::Conflict(format!(
+                    "only a job awaiting_review can be approved; it is {}",
+                    job.status
+                )),
+            )
+            .await;
         }
         let (written, with_problem): (i64, i64) = sqlx::query_as(
             "SELECT count(*), count(*) FILTER (WHERE problem IS NOT NULL)
@@ -681,9 +697,13 @@ impl JobStore {
         .fetch_one(&mut *tx)
         .await?;
         if written != job.image_count as i64 || with_problem > 0 {
-            return Err(CoreError::Conflict(format!(
+            return refuse(
+                tx,
+                CoreError::Conflict(format!(
                 "{with_problem} description(s) still have a problem; edit them before approving"
-            )));
+            )),
+            )
+            .await;
         }
         let row: JobRow = sqlx::query_as(&format!(
             "UPDATE jobs SET status = 'queued', run_after = now(), attempts = 0, updated_at = now()
@@ -706,10 +726,11 @@ impl JobStore {
         let mut tx = self.pool.begin().await?;
         let job = Self::lock(&mut tx, tenant, id).await?;
         if job.status.is_terminal() {
-            return Err(CoreError::Conflict(format!(
-                "the job has already finished ({})",
-                job.status
-            )));
+            return refuse(
+                tx,
+                CoreError::Conflict(format!("the job has already finished ({})", job.status)),
+            )
+            .await;
         }
         let row: JobRow = sqlx::query_as(&format!(
             "UPDATE jobs SET cancel_requested = true,
@@ -799,4 +820,12 @@ impl JobStore {
         .await?;
         Ok(())
     }
+}
+
+/// Rolls `tx` back, then answers `refusal`. A transaction only dropped is rolled back when its
+/// connection is next used, and holds its row locks until then: a worker's claim meanwhile
+/// skips the locked job as if it were taken.
+async fn refuse<T>(tx: Transaction<'_, Postgres>, refusal: CoreError) -> Result<T> {
+    tx.rollback().await?;
+    Err(refusal)
 }

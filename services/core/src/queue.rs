@@ -8,6 +8,11 @@
 //! * Heartbeats renew the lease and report cancellation requests.
 //! * Transient failures go back to `queued` with an exponential `run_after`, until
 //!   `max_attempts` consecutive tries failed. A finished stage resets the count.
+//! * Chaining: a job's success and the claim of the slot's next job are one statement, shared
+//!   by the slots finishing together ([`chain`]); while jobs are quick, the next ones are
+//!   claimed ahead.
+
+mod chain;
 
 use std::time::Duration;
 
@@ -60,7 +65,7 @@ pub struct Queue {
     notifier: Notifier,
     /// The task that records successes and claims next jobs for all of this queue's clones
     /// together ([`Queue::succeed_and_claim`]); started with the first success.
-    chain: std::sync::Arc<std::sync::OnceLock<ChainSender>>,
+    chain: std::sync::Arc<std::sync::OnceLock<chain::Sender>>,
     settings: QueueSettings,
     worker_id: Uuid,
 }
@@ -145,10 +150,11 @@ fn claim_sql() -> &'static str {
 }
 
 /// Jobs' successes and the claims of as many next jobs in one statement (`$1` job ids, `$2`
-/// their epochs, `$3` NULL, `$4` worker, `$5` lease seconds, `$6` the default running limit):
-/// one round trip and one commit where there were two per job. Each success is fenced by its
-/// own lease (`done` holds those that matched); one job is claimed per matched success, so a
-/// fenced-out worker claims nothing; the finishing jobs, still running in the statement's
+/// their epochs, `$3` NULL, `$4` worker, `$5` lease seconds, `$6` the default running limit,
+/// `$7` how many to claim ahead): one round trip and one commit where there were two per job.
+/// Each success is fenced by its own lease (`done` holds those that matched); one job is
+/// claimed per matched success, `$7` more when at least one matched, so a fenced-out worker
+/// claims nothing; the finishing jobs, still running in the statement's
 /// snapshot, do not count against their tenants' running limits. Every row gets its status
 /// event and webhook messages; `claimed` tells the two kinds apart.
 fn succeed_and_claim_sql() -> &'static str {
@@ -156,15 +162,15 @@ fn succeed_and_claim_sql() -> &'static str {
     SQL.get_or_init(|| {
         let done = format!(
             "UPDATE jobs SET {SUCCEEDED}, updated_at = now()
-             FROM unnest($1::uuid[], $2::bigint[]) AS l(lease_job_id, lease_job_epoch)
-             WHERE id = l.lease_job_id AND lease_epoch = l.lease_job_epoch AND status = 'running'
+             WHERE id = ANY($1::uuid[]) AND status = 'running'
+               AND lease_epoch = ($2::bigint[])[array_position($1::uuid[], id)]
              RETURNING {JOB_COLUMNS}"
         );
         let next = claim_update(
             "$4",
             "$5",
             "$6",
-            Some("(SELECT count(*) FROM done)"),
+            Some("(SELECT CASE WHEN count(*) = 0 THEN 0 ELSE count(*) + $7 END FROM done)"),
             "c.id <> ALL($1) AND",
             "AND r.id <> ALL($1)",
         );
@@ -176,23 +182,6 @@ fn succeed_and_claim_sql() -> &'static str {
         )
     })
 }
-
-/// Most successes one statement records (a worker has at most this many slots finishing at
-/// the same moment in practice; more wait for the next statement).
-const MAX_CHAIN: usize = 64;
-
-/// How many times the batching task lets other tasks run while it waits for the slots it gave
-/// jobs last time (a slot whose job is quick comes back within microseconds; one whose job
-/// takes minutes is not waited for).
-const GATHER_YIELDS: usize = 8;
-
-/// A slot's finished job, waiting for the statement that records it and claims the slot's next.
-struct ChainRequest {
-    lease: Lease,
-    reply: tokio::sync::oneshot::Sender<Result<(JobRecord, Option<Claimed>)>>,
-}
-
-type ChainSender = tokio::sync::mpsc::UnboundedSender<ChainRequest>;
 
 impl Queue {
     pub fn new(pool: PgPool, settings: QueueSettings) -> Self {
@@ -243,107 +232,89 @@ impl Queue {
     }
 
     /// Marks the job succeeded and, in the same statement, claims this worker's next job (None:
-    /// nothing to do). A worker that runs job after job pays one round trip and one commit
-    /// between two jobs instead of two; slots of this queue (and its clones) finishing at the
-    /// same moment share one statement. A stale lease gets [`CoreError::LeaseLost`] and claims
-    /// nothing.
+    /// nothing to do); answers after the commit. A worker that runs job after job pays one
+    /// round trip and one commit between two jobs instead of two; slots of this queue (and its
+    /// clones) finishing at the same moment share one statement. A stale lease gets
+    /// [`CoreError::LeaseLost`] and claims nothing.
     #[tracing::instrument(skip(self), fields(worker = %self.worker_id))]
     pub async fn succeed_and_claim(&self, lease: &Lease) -> Result<(JobRecord, Option<Claimed>)> {
-        let sender = self.chain.get_or_init(|| {
-            let (sender, requests) = tokio::sync::mpsc::unbounded_channel();
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if self
+            .chain()
+            .send(chain::Request::Succeed {
+                lease: *lease,
+                reply,
+            })
+            .is_ok()
+        {
+            if let Ok(result) = answer.await {
+                return result;
+            }
+        }
+        // The batching task has stopped (its runtime is shutting down): record it here.
+        let mut conn = self.pool.acquire().await?;
+        let mut batch = self.chain_statement(&mut conn, &[*lease], 0).await?;
+        let record = batch.successes.remove(0)?;
+        Ok((record, batch.claimed.pop()))
+    }
+
+    /// Hands over this worker's next job and records the finished job's success, sooner or
+    /// later: where the worker claimed ahead ([`chain`]: only while its jobs are quick), the
+    /// next job comes at once and the success is recorded by the next statement, fenced by its
+    /// lease like any other write. A success that cannot be recorded is logged; the job's lease
+    /// then runs out and the job runs again (at least once, as after a crash).
+    /// [`Queue::flush`] waits for what is still to be recorded.
+    #[tracing::instrument(skip(self), fields(worker = %self.worker_id))]
+    pub async fn finish_and_claim(&self, lease: &Lease) -> Result<Option<Claimed>> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if self
+            .chain()
+            .send(chain::Request::Finish {
+                lease: *lease,
+                reply,
+            })
+            .is_ok()
+        {
+            if let Ok(result) = answer.await {
+                return result;
+            }
+        }
+        Ok(self.succeed_and_claim(lease).await?.1)
+    }
+
+    /// Returns once every success handed to [`Queue::finish_and_claim`] before is recorded, and
+    /// the jobs claimed ahead and not handed out are given back (a worker's last step before it
+    /// exits).
+    pub async fn flush(&self) {
+        let Some(sender) = self.chain.get() else {
+            return;
+        };
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        if sender.send(chain::Request::Flush { reply }).is_ok() {
+            let _ = answer.await;
+        }
+    }
+
+    /// The batching task's sender, started on first use.
+    fn chain(&self) -> &chain::Sender {
+        self.chain.get_or_init(|| {
             // The task's queue has a chain of its own, never started, so the task does not keep
             // its own channel open: it ends when the last clone of this queue is dropped.
-            let queue = Queue {
+            chain::start(Queue {
                 chain: Default::default(),
                 ..self.clone()
-            };
-            tokio::spawn(queue.chain_all(requests));
-            sender
-        });
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let request = ChainRequest {
-            lease: *lease,
-            reply,
-        };
-        if let Err(unsent) = sender.send(request) {
-            // The task has stopped (its runtime is shutting down): record it here.
-            return self.chain_batch(&[unsent.0.lease]).await?.remove(0);
-        }
-        match answer.await {
-            Ok(result) => result,
-            Err(_) => self.chain_batch(&[*lease]).await?.remove(0),
-        }
+            })
+        })
     }
 
-    /// Records the successes that wait, together, until every clone of the queue is dropped.
-    async fn chain_all(self, mut requests: tokio::sync::mpsc::UnboundedReceiver<ChainRequest>) {
-        // One statement at a time: while it runs, the slots that finish meanwhile form the next
-        // batch. (Two or four in flight were measured slower: the statements then contend for
-        // the head of the queue.) Before sending a batch smaller than the number of slots the
-        // last one gave jobs to, let them run a few times: a quick job comes back at once and
-        // joins the batch instead of costing a statement of its own.
-        let mut handed_out = 0;
-        while let Some(first) = requests.recv().await {
-            let mut batch = vec![first];
-            let mut yields = 0;
-            loop {
-                while batch.len() < MAX_CHAIN {
-                    match requests.try_recv() {
-                        Ok(more) => batch.push(more),
-                        Err(_) => break,
-                    }
-                }
-                if batch.len() >= handed_out.min(MAX_CHAIN) || yields == GATHER_YIELDS {
-                    break;
-                }
-                tokio::task::yield_now().await;
-                yields += 1;
-            }
-            handed_out = self.answer(batch).await;
-        }
-    }
-
-    /// Runs one batch's statement and answers each of its slots; returns how many got a next
-    /// job.
-    async fn answer(&self, batch: Vec<ChainRequest>) -> usize {
-        let leases: Vec<Lease> = batch.iter().map(|r| r.lease).collect();
-        let results = match self.chain_batch(&leases).await {
-            Ok(results) => results,
-            // One statement for one job: its error is that job's.
-            Err(e) if leases.len() == 1 => vec![Err(e)],
-            // Each on its own, so that every slot gets its own answer.
-            Err(_) => {
-                let mut results = Vec::with_capacity(leases.len());
-                for lease in &leases {
-                    results.push(match self.chain_batch(std::slice::from_ref(lease)).await {
-                        Ok(mut one) => one.remove(0),
-                        Err(e) => Err(e),
-                    });
-                }
-                results
-            }
-        };
-        let handed_out = results
-            .iter()
-            .filter(|r| matches!(r, Ok((_, Some(_)))))
-            .count();
-        for (request, result) in batch.into_iter().zip(results) {
-            if let Err(Ok((_, Some(orphan)))) = request.reply.send(result) {
-                // The slot stopped waiting (its task was aborted): give its next job back.
-                if let Err(e) = self.release(&orphan.lease).await {
-                    tracing::warn!(job_id = %orphan.lease.job_id, error = %e,
-                        "could not give back a job claimed for a slot that stopped waiting");
-                }
-            }
-        }
-        handed_out
-    }
-
-    /// One statement for `leases` ([`succeed_and_claim_sql`]): each lease's result in order.
-    async fn chain_batch(
+    /// One statement ([`succeed_and_claim_sql`]) for `leases` on `conn`, claiming `ahead` jobs
+    /// more than the successes that matched (none when none matched).
+    async fn chain_statement(
         &self,
+        conn: &mut sqlx::PgConnection,
         leases: &[Lease],
-    ) -> Result<Vec<Result<(JobRecord, Option<Claimed>)>>> {
+        ahead: usize,
+    ) -> Result<chain::Batch> {
         let ids: Vec<Uuid> = leases.iter().map(|l| l.job_id).collect();
         let epochs: Vec<i64> = leases.iter().map(|l| l.epoch).collect();
         let rows: Vec<ChangedRow<ChainRow>> = sqlx::query_as(succeed_and_claim_sql())
@@ -353,11 +324,12 @@ impl Queue {
             .bind(self.worker_id)
             .bind(self.settings.lease_secs)
             .bind(self.settings.max_running_jobs as i32)
-            .fetch_all(&self.pool)
+            .bind(ahead as i64)
+            .fetch_all(&mut *conn)
             .await?;
         let mut wake = Wake::default();
         let mut done = std::collections::HashMap::new();
-        let mut next = Vec::new();
+        let mut claimed = Vec::new();
         for row in rows {
             wake = wake.and(row.wake(row.row.job.id));
             match row.row {
@@ -365,31 +337,21 @@ impl Queue {
                     job,
                     lease_epoch: Some(lease_epoch),
                     claimed: true,
-                } => next.push(ClaimRow { job, lease_epoch }),
+                } => claimed.push(Claimed::try_from(ClaimRow { job, lease_epoch })?),
                 ChainRow { job, .. } => {
                     done.insert(job.id, job);
                 }
             }
         }
         self.notifier.wake(wake);
-        let mut next = next.into_iter();
-        let results = leases
+        let successes = leases
             .iter()
             .map(|lease| {
                 let job = done.remove(&lease.job_id).ok_or(CoreError::LeaseLost)?;
-                Ok((
-                    JobRecord::try_from(job)?,
-                    next.next().map(Claimed::try_from).transpose()?,
-                ))
+                JobRecord::try_from(job)
             })
             .collect();
-        // One claim per matched success, handed out in order: none is left over, unless the
-        // same lease came twice; such a claim is given back at once.
-        for extra in next {
-            let lease = Claimed::try_from(extra)?.lease;
-            self.release(&lease).await?;
-        }
-        Ok(results)
+        Ok(chain::Batch { successes, claimed })
     }
 
     /// Renews the lease. Fails with LeaseLost when another worker took the job over, or when it

@@ -349,6 +349,7 @@ async fn review_edit_and_approve() {
         store.edit_descriptions(t, id, &[(0, "x".into())]).await,
         Err(CoreError::Conflict(_))
     ));
+    // The refusal rolled its transaction back: the job is not left locked for the claim.
     let c = queue.claim().await.unwrap().unwrap();
     for idx in 0..2 {
         let problem = (idx == 1).then(|| serde_json::json!({"code": "describes_subject"}));
@@ -633,4 +634,152 @@ async fn futures_claims(queue: &Queue, n: usize) -> Vec<sidbooth_core::Claimed> 
         claimed.push(queue.claim().await.unwrap().expect("a job to claim"));
     }
     claimed
+}
+
+/// Settings under which every job counts as quick, whatever the machine's load.
+fn claim_ahead_settings() -> QueueSettings {
+    QueueSettings {
+        quick_job_secs: 30.0,
+        ..fast_settings()
+    }
+}
+
+async fn count_status(store: &JobStore, status: JobStatus) -> i64 {
+    let counts = store.status_counts().await.unwrap();
+    counts
+        .iter()
+        .find(|(s, _)| *s == status)
+        .map_or(0, |(_, n)| *n)
+}
+
+#[tokio::test]
+async fn quick_jobs_get_their_next_claimed_ahead_and_an_unused_one_is_given_back() {
+    let db = TestDb::new().await;
+    let store = JobStore::new(db.pool.clone());
+    let t = tenant(&db, "ahead").await;
+    let queue = Queue::new(db.pool.clone(), claim_ahead_settings());
+    for i in 0..6u8 {
+        create(&store, new_job(t, 0, None, &[i])).await;
+    }
+    // A job claimed on its own was not handed out by the chain: its success claims just one.
+    let first = queue.claim().await.unwrap().unwrap();
+    let second = queue.finish_and_claim(&first.lease).await.unwrap().unwrap();
+    assert_eq!(count_status(&store, JobStatus::Running).await, 1);
+    // The second was handed out by the chain and finished quickly: its success claims one
+    // more, kept ready.
+    let third = queue
+        .finish_and_claim(&second.lease)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(count_status(&store, JobStatus::Succeeded).await, 2);
+    assert_eq!(count_status(&store, JobStatus::Running).await, 2);
+    // The ready one comes at once; the third's success is recorded by the next statement.
+    let fourth = queue.finish_and_claim(&third.lease).await.unwrap().unwrap();
+    assert_ne!(fourth.job.id, third.job.id);
+    queue.flush().await;
+    assert_eq!(
+        store.get(t, third.job.id).await.unwrap().status,
+        JobStatus::Succeeded
+    );
+    // Flushing gave back what was claimed ahead and not handed out: only the fourth runs, and
+    // the given-back job's try was not counted.
+    assert_eq!(count_status(&store, JobStatus::Succeeded).await, 3);
+    assert_eq!(count_status(&store, JobStatus::Running).await, 1);
+    let queued: Vec<i32> = sqlx::query_scalar("SELECT attempts FROM jobs WHERE status = 'queued'")
+        .fetch_all(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(queued, vec![0, 0]);
+    // Unused and not flushed: given back when it has waited a second (a quarter of the lease
+    // at most).
+    let fifth = queue
+        .finish_and_claim(&fourth.lease)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(count_status(&store, JobStatus::Running).await, 2);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(count_status(&store, JobStatus::Running).await, 1);
+    assert_eq!(count_status(&store, JobStatus::Queued).await, 1);
+    queue.heartbeat(&fifth.lease).await.unwrap();
+}
+
+#[tokio::test]
+async fn slots_with_quick_jobs_run_every_job_once_and_every_success_is_recorded() {
+    let db = TestDb::new().await;
+    let store = JobStore::new(db.pool.clone());
+    let t = tenant(&db, "quick").await;
+    let queue = Queue::new(db.pool.clone(), claim_ahead_settings());
+    let jobs = 40;
+    for i in 0..jobs {
+        create(&store, new_job(t, 0, None, &[i as u8])).await;
+    }
+    let mut slots = Vec::new();
+    for _ in 0..3 {
+        let queue = queue.clone();
+        slots.push(tokio::spawn(async move {
+            let mut ran = Vec::new();
+            let mut next = queue.claim().await.unwrap();
+            while let Some(claimed) = next {
+                ran.push(claimed.job.id);
+                next = queue.finish_and_claim(&claimed.lease).await.unwrap();
+            }
+            ran
+        }));
+    }
+    let mut ran = Vec::new();
+    for slot in slots {
+        ran.extend(slot.await.unwrap());
+    }
+    queue.flush().await;
+    ran.sort();
+    ran.dedup();
+    assert_eq!(ran.len(), jobs, "every job ran, none twice");
+    assert_eq!(
+        count_status(&store, JobStatus::Succeeded).await,
+        jobs as i64
+    );
+    // Each job: claimed once (one try), one 'running' and one 'succeeded' status event.
+    let tries: i64 = sqlx::query_scalar("SELECT sum(attempts) FROM jobs")
+        .fetch_one(&db.pool)
+        .await
+        .unwrap();
+    assert_eq!(tries, jobs as i64);
+    let events: Vec<(String, i64)> = sqlx::query_as(
+        "SELECT data->>'status', count(*) FROM job_events WHERE kind = 'status'
+         GROUP BY 1 ORDER BY 1",
+    )
+    .fetch_all(&db.pool)
+    .await
+    .unwrap();
+    assert_eq!(
+        events,
+        vec![
+            ("queued".to_string(), jobs as i64),
+            ("running".to_string(), jobs as i64),
+            ("succeeded".to_string(), jobs as i64),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_stale_lease_finishing_is_refused_and_claims_nothing() {
+    let db = TestDb::new().await;
+    let store = JobStore::new(db.pool.clone());
+    let t = tenant(&db, "stale").await;
+    let queue = Queue::new(db.pool.clone(), claim_ahead_settings());
+    for i in 0..3u8 {
+        create(&store, new_job(t, 0, None, &[i])).await;
+    }
+    let claimed = queue.claim().await.unwrap().unwrap();
+    let stale = sidbooth_core::Lease {
+        epoch: claimed.lease.epoch + 1,
+        ..claimed.lease
+    };
+    let refused = queue.finish_and_claim(&stale).await;
+    assert!(matches!(refused, Err(CoreError::LeaseLost)), "{refused:?}");
+    assert_eq!(count_status(&store, JobStatus::Running).await, 1);
+    assert_eq!(count_status(&store, JobStatus::Queued).await, 2);
+    queue.heartbeat(&claimed.lease).await.unwrap();
 }

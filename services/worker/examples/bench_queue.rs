@@ -8,7 +8,8 @@
 //! Creates JOBS queued jobs (default 10000) in a fresh database on the test Postgres server
 //! (SIDBOOTH_TEST_DATABASE_URL or postgres://postgres@127.0.0.1:5432), then runs WORKERS
 //! (default 4) loops until the queue is empty, as the worker's slots run jobs: `Queue::claim`
-//! once, then `Queue::succeed_and_claim` for each job, which hands over the next. The loops
+//! once, then `Queue::finish_and_claim` for each job, which hands over the next (as the worker
+//! does: while jobs are quick, claimed ahead). The loops
 //! share one `Queue`, as the slots of a worker with `--concurrency WORKERS` do (and as
 //! graphile-worker's runner at that concurrency does); with `--queue-per-worker` each loop has
 //! its own, as separate worker processes would. With `--separate` each job is a `Queue::claim`
@@ -91,10 +92,13 @@ async fn main() -> anyhow::Result<()> {
                     queue.succeed(&claimed.lease).await?;
                     queue.claim().await?
                 } else {
-                    queue.succeed_and_claim(&claimed.lease).await?.1
+                    queue.finish_and_claim(&claimed.lease).await?
                 };
                 done += 1;
             }
+            // Successes still to be recorded (finish_and_claim records them with the next
+            // statement) are in before the clock stops.
+            queue.flush().await;
             anyhow::Ok(done)
         }));
     }
@@ -124,7 +128,7 @@ async fn main() -> anyhow::Result<()> {
         if separate {
             " (claim and succeed apart)"
         } else {
-            " (succeed_and_claim)"
+            " (finish_and_claim)"
         },
         if with_stage {
             " (with complete_stage)"

@@ -187,6 +187,8 @@ impl Worker {
         while let Some(done) = running.join_next().await {
             log_task_end(done);
         }
+        // Successes still to be recorded, and jobs claimed ahead to give back.
+        ctx.queue.flush().await;
         tracing::info!("worker stopped");
         Ok(())
     }
@@ -459,19 +461,22 @@ async fn succeed(
     reason: &OnceLock<StopReason>,
     shutdown: &CancellationToken,
 ) -> Option<Claimed> {
+    // While jobs are quick the next one may come at once, claimed ahead, and the success is
+    // recorded by the queue's next statement (Queue::finish_and_claim); `flush` at the end of
+    // `run` waits for it.
     let done = if shutdown.is_cancelled() {
-        ctx.queue.succeed(lease).await.map(|job| (job, None))
+        ctx.queue.succeed(lease).await.map(|_| None)
     } else {
-        ctx.queue.succeed_and_claim(lease).await
+        ctx.queue.finish_and_claim(lease).await
     };
     match done {
-        Ok((_, next)) => {
+        Ok(next) => {
             metrics::counter!("sidbooth_jobs_finished_total", "status" => "succeeded").increment(1);
             tracing::info!("job succeeded");
             next
         }
         Err(e) => {
-            settle(ctx, &lease, None, e.into(), reason).await;
+            settle(ctx, lease, None, e.into(), reason).await;
             None
         }
     }

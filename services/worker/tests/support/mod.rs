@@ -39,7 +39,7 @@ pub fn queue_settings() -> QueueSettings {
         max_attempts: 3,
         retry_base_secs: 0.05,
         retry_max_secs: 0.2,
-        max_running_jobs: 0,
+        ..QueueSettings::default()
     }
 }
 
