@@ -5,13 +5,14 @@
 //!   (Two or four statements in flight were measured slower: they contend for the head of the
 //!   queue.) Before sending a batch smaller than the number of jobs handed out since the last
 //!   one, the task lets the slots run a few times: a quick job comes back at once and joins.
-//! * Claiming ahead: while a worker's jobs are quick (handed out and finished within `quick_job_secs`),
-//!   each statement also claims a next job for every slot that had to wait, kept ready. A slot
-//!   that finishes while jobs are ready gets one at once, even while a statement is running,
-//!   and its success goes into the next statement: slots no longer wait for every commit, and a
-//!   statement records many successes instead of one per slot. A ready job not handed out
-//!   within a second (far less than a lease) is given back, and so are those left when the
-//!   worker flushes; slow jobs claim nothing ahead, so a long job never holds another one.
+//! * Claiming ahead: while a worker's jobs are quick (handed out and finished within
+//!   `quick_job_secs`), each statement also claims a next job for every slot that had to wait,
+//!   kept ready. A slot that finishes while jobs are ready gets one at once, even while a
+//!   statement is running, and its success goes into the next statement: slots no longer wait
+//!   for every commit, and a statement records many successes instead of one per slot. A ready
+//!   job not handed out within a second (far less than a lease) is given back, and so are those
+//!   left when the worker flushes; slow jobs claim nothing ahead, so a long job never holds
+//!   another one.
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
