@@ -238,22 +238,16 @@ impl Queue {
     /// [`CoreError::LeaseLost`] and claims nothing.
     #[tracing::instrument(skip(self), fields(worker = %self.worker_id))]
     pub async fn succeed_and_claim(&self, lease: &Lease) -> Result<(JobRecord, Option<Claimed>)> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        if self
-            .chain()
-            .send(chain::Request::Succeed {
-                lease: *lease,
-                reply,
-            })
-            .is_ok()
+        let lease = *lease;
+        if let Some(result) = self
+            .ask_chain(|reply| chain::Request::Succeed { lease, reply })
+            .await
         {
-            if let Ok(result) = answer.await {
-                return result;
-            }
+            return result;
         }
         // The batching task has stopped (its runtime is shutting down): record it here.
         let mut conn = self.pool.acquire().await?;
-        let mut batch = self.chain_statement(&mut conn, &[*lease], 0).await?;
+        let mut batch = self.chain_statement(&mut conn, &[lease], 0).await?;
         let record = batch.successes.remove(0)?;
         Ok((record, batch.claimed.pop()))
     }
@@ -266,32 +260,38 @@ impl Queue {
     /// [`Queue::flush`] waits for what is still to be recorded.
     #[tracing::instrument(skip(self), fields(worker = %self.worker_id))]
     pub async fn finish_and_claim(&self, lease: &Lease) -> Result<Option<Claimed>> {
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        if self
-            .chain()
-            .send(chain::Request::Finish {
-                lease: *lease,
+        let finished = *lease;
+        if let Some(result) = self
+            .ask_chain(|reply| chain::Request::Finish {
+                lease: finished,
                 reply,
             })
-            .is_ok()
+            .await
         {
-            if let Ok(result) = answer.await {
-                return result;
-            }
+            return result;
         }
         Ok(self.succeed_and_claim(lease).await?.1)
+    }
+
+    /// Sends the batching task the request `make` builds around a reply channel and waits for
+    /// the answer; None when the task has stopped (its runtime is shutting down).
+    async fn ask_chain<T>(
+        &self,
+        make: impl FnOnce(tokio::sync::oneshot::Sender<T>) -> chain::Request,
+    ) -> Option<T> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.chain().send(make(reply)).ok()?;
+        answer.await.ok()
     }
 
     /// Returns once every success handed to [`Queue::finish_and_claim`] before is recorded, and
     /// the jobs claimed ahead and not handed out are given back (a worker's last step before it
     /// exits).
     pub async fn flush(&self) {
-        let Some(sender) = self.chain.get() else {
-            return;
-        };
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        if sender.send(chain::Request::Flush { reply }).is_ok() {
-            let _ = answer.await;
+        // A queue that never chained has nothing to flush: do not start the task for it.
+        if self.chain.get().is_some() {
+            self.ask_chain(|reply| chain::Request::Flush { reply })
+                .await;
         }
     }
 

@@ -301,7 +301,7 @@ impl Chain {
             }
             Err(e) if batch.len() == 1 => {
                 let mut batch = batch;
-                fail(batch.remove(0), e);
+                batch.remove(0).fail(e);
             }
             // Each on its own, so that every slot gets its own answer.
             Err(_) => {
@@ -316,7 +316,7 @@ impl Chain {
                     };
                     match one {
                         Ok(done) => self.answer(vec![pending], done),
-                        Err(e) => fail(pending, e),
+                        Err(e) => pending.fail(e),
                     }
                 }
             }
@@ -328,8 +328,15 @@ impl Chain {
     fn answer(&mut self, batch: Vec<Pending>, done: Batch) {
         let mut claimed = done.claimed.into_iter();
         for (pending, success) in batch.into_iter().zip(done.successes) {
-            match (pending.waiter, success) {
-                (Waiter::Record(reply), Ok(record)) => match claimed.next() {
+            let record = match success {
+                Ok(record) => record,
+                Err(e) => {
+                    pending.fail(e);
+                    continue;
+                }
+            };
+            match pending.waiter {
+                Waiter::Record(reply) => match claimed.next() {
                     Some(next) => self.hand(next, |next| {
                         reply.send(Ok((record, Some(next)))).map_err(|_| ())
                     }),
@@ -337,7 +344,7 @@ impl Chain {
                         let _ = reply.send(Ok((record, None)));
                     }
                 },
-                (Waiter::Next(reply), Ok(_)) => match claimed.next() {
+                Waiter::Next(reply) => match claimed.next() {
                     Some(next) => {
                         self.hand(next, |next| reply.send(Ok(Some(next))).map_err(|_| ()))
                     }
@@ -345,14 +352,7 @@ impl Chain {
                         let _ = reply.send(Ok(None));
                     }
                 },
-                (Waiter::Record(reply), Err(e)) => {
-                    let _ = reply.send(Err(e));
-                }
-                (Waiter::Next(reply), Err(e)) => {
-                    let _ = reply.send(Err(e));
-                }
-                (Waiter::Nobody, Ok(_)) => {}
-                (Waiter::Nobody, Err(e)) => log_unrecorded(&pending.lease, &e),
+                Waiter::Nobody => {}
             }
         }
         let now = Instant::now();
@@ -387,21 +387,19 @@ impl Chain {
     }
 }
 
-/// A pending success whose statement failed: its slot gets the error (one nobody waits for is
-/// logged).
-fn fail(pending: Pending, e: CoreError) {
-    match pending.waiter {
-        Waiter::Record(reply) => {
-            let _ = reply.send(Err(e));
+impl Pending {
+    /// Its statement failed: its slot gets the error (one nobody waits for is logged; the
+    /// job's lease then runs out and it runs again).
+    fn fail(self, e: CoreError) {
+        match self.waiter {
+            Waiter::Record(reply) => {
+                let _ = reply.send(Err(e));
+            }
+            Waiter::Next(reply) => {
+                let _ = reply.send(Err(e));
+            }
+            Waiter::Nobody => tracing::warn!(job_id = %self.lease.job_id, error = %e,
+                "a finished job's success could not be recorded; it runs again when its lease ends"),
         }
-        Waiter::Next(reply) => {
-            let _ = reply.send(Err(e));
-        }
-        Waiter::Nobody => log_unrecorded(&pending.lease, &e),
     }
-}
-
-fn log_unrecorded(lease: &Lease, e: &CoreError) {
-    tracing::warn!(job_id = %lease.job_id, error = %e,
-        "a finished job's success could not be recorded; it runs again when its lease ends");
 }
