@@ -166,6 +166,10 @@ fn init_tracing() {
         .try_init();
 }
 
+/// Frees the tensors of weight files mapped into memory (see `sidbooth_engine::mapped`).
+#[global_allocator]
+static ALLOC: sidbooth_engine::mapped::MappedAware = sidbooth_engine::mapped::MappedAware;
+
 fn main() -> Result<()> {
     // Before the runtime's threads start: secrets from *_FILE, empty variables unset.
     sidbooth_core::config::prepare_env()?;

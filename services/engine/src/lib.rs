@@ -11,6 +11,8 @@
 //!   [`nn::LoraAdapter`] `{ down [rank,in], up [out,rank], scale }`, forward
 //!   `x Wᵀ + b + scale·(x downᵀ) upᵀ`), [`nn::Conv2d`], [`nn::LayerNorm`], [`nn::GroupNorm`],
 //!   [`nn::softmax_last`], [`nn::VisitLinears`].
+//! - [`mapped`]: weight files mapped into memory, served without a copy in processes whose
+//!   global allocator is [`mapped::MappedAware`] (the sidbooth binaries install it).
 //! - [`weights`]: `VarBuilder`s over safetensors ([`weights::from_safetensors`]), tensor maps such
 //!   as a `VarMap`'s `Var`s ([`weights::from_tensors`]) or seeded random weights
 //!   ([`weights::seeded`]); each returns a [`weights::Record`] of every tensor fetched.
@@ -59,6 +61,7 @@ pub mod config;
 pub mod error;
 pub mod kernels;
 pub mod lora;
+pub mod mapped;
 pub mod nn;
 pub mod pipeline;
 pub mod png_text;

@@ -51,6 +51,10 @@ enum LogFormat {
     Json,
 }
 
+/// Frees the tensors of weight files mapped into memory (see `sidbooth_engine::mapped`).
+#[global_allocator]
+static ALLOC: sidbooth_engine::mapped::MappedAware = sidbooth_engine::mapped::MappedAware;
+
 fn main() -> anyhow::Result<()> {
     // Before the runtime's threads start: secrets from *_FILE, empty variables unset.
     sidbooth_core::config::prepare_env()?;
