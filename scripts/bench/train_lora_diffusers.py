@@ -13,6 +13,7 @@ pytorch_lora_weights.safetensors. The counterpart of
 """
 import argparse
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -70,6 +71,8 @@ ids = tok([a.prompt], padding="max_length", max_length=tok.model_max_length, tru
           return_tensors="pt").input_ids
 
 unet.train()
+started = time.perf_counter()
+ends = []
 for step in range(a.steps):
     pixels = photos[step % len(photos)].unsqueeze(0)
     latents = vae.encode(pixels).latent_dist.sample() * vae.config.scaling_factor
@@ -83,8 +86,17 @@ for step in range(a.steps):
     torch.nn.utils.clip_grad_norm_(params, 1.0)
     opt.step()
     opt.zero_grad()
+    ends.append(time.perf_counter() - started)
     print(f"step {step + 1}: loss {loss.item():.4f}", flush=True)
 
 os.makedirs(a.output, exist_ok=True)
 StableDiffusionPipeline.save_lora_weights(
     a.output, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(unet)))
+# The summary `sidbooth train` prints, for scripts/bench/train_sd21_cpu.sh.
+total = time.perf_counter() - started
+if len(ends) > 1:
+    per = (ends[-1] - ends[0]) / (len(ends) - 1)
+    print(f"{total:.1f} s: first step {ends[0]:.1f} s, then {per:.2f} s per step, "
+          f"writing {total - ends[-1]:.1f} s", flush=True)
+elif ends:
+    print(f"{total:.1f} s: the step {ends[0]:.1f} s, writing {total - ends[0]:.1f} s", flush=True)

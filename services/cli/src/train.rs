@@ -8,6 +8,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use image::RgbImage;
@@ -607,7 +608,9 @@ fn train_blocking(args: TrainArgs, cancel: Arc<AtomicBool>) -> Result<()> {
         );
     }
     let (photos, case) = photos(&args, &settings)?;
+    let started = Instant::now();
     let loaded = args.model.load()?;
+    let load_secs = started.elapsed().as_secs_f64();
     let sd = &loaded.sd;
     let resolution = match args.resolution {
         Some(r) => r,
@@ -691,7 +694,7 @@ fn train_blocking(args: TrainArgs, cancel: Arc<AtomicBool>) -> Result<()> {
 
     let models = TrainModels::from_pipeline(sd)?.with_source(loaded.source.clone());
     eprintln!(
-        "training {} on {n_photos} photos at {resolution}x{resolution}, {steps} steps at lr {:.1e}, model {}, device {}",
+        "training {} on {n_photos} photos at {resolution}x{resolution}, {steps} steps at lr {:.1e}, model {} (loaded in {load_secs:.1} s), device {}",
         args.method.as_str(),
         settings.learning_rate(),
         loaded.name,
@@ -707,9 +710,12 @@ fn train_blocking(args: TrainArgs, cancel: Arc<AtomicBool>) -> Result<()> {
     );
     pb.enable_steady_tick(std::time::Duration::from_millis(200));
     let mut last: Option<StepReport> = None;
+    let training = Instant::now();
+    let mut timing = StepTiming::default();
     let outcome = {
         let mut callbacks = Callbacks::default()
             .on_step(|r: &StepReport| {
+                timing.step_done(training.elapsed().as_secs_f64());
                 pb.set_position(r.step);
                 pb.set_message(format!("loss {:.4} lr {:.2e}", r.loss, r.lr));
                 last = Some(r.clone());
@@ -750,7 +756,10 @@ fn train_blocking(args: TrainArgs, cancel: Arc<AtomicBool>) -> Result<()> {
                     r.step, r.max_steps, r.loss, r.lr
                 );
             }
-            eprintln!("{steps} steps{loss}");
+            eprintln!(
+                "{steps} steps{loss}; {}",
+                timing.summary(training.elapsed().as_secs_f64())
+            );
             for f in files {
                 println!("{}", args.output.join(f).display());
             }
@@ -792,9 +801,53 @@ pub async fn run(args: TrainArgs) -> Result<()> {
         .context("training thread")?
 }
 
+/// When each optimizer step of a run ended (seconds since training began), for the summary
+/// line. The first step also encodes the photo it draws (latents are encoded on first use),
+/// so the time per step is taken from the end of the first to the end of the last.
+#[derive(Debug, Default)]
+struct StepTiming {
+    ends: Vec<f64>,
+}
+
+impl StepTiming {
+    fn step_done(&mut self, at: f64) {
+        self.ends.push(at);
+    }
+
+    /// `total`: seconds from the start of training to the weights written.
+    fn summary(&self, total: f64) -> String {
+        match self.ends.as_slice() {
+            [] => format!("{total:.1} s"),
+            [first] => format!(
+                "{total:.1} s: the step {first:.1} s, writing {:.1} s",
+                total - first
+            ),
+            [first, .., last] => format!(
+                "{total:.1} s: first step {first:.1} s, then {:.2} s per step, writing {:.1} s",
+                (last - first) / (self.ends.len() - 1) as f64,
+                total - last
+            ),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn step_timing_takes_the_steps_after_the_first() {
+        let mut t = StepTiming::default();
+        assert_eq!(t.summary(0.5), "0.5 s");
+        t.step_done(4.0);
+        assert_eq!(t.summary(4.5), "4.5 s: the step 4.0 s, writing 0.5 s");
+        t.step_done(6.0);
+        t.step_done(9.0);
+        assert_eq!(
+            t.summary(9.3),
+            "9.3 s: first step 4.0 s, then 2.50 s per step, writing 0.3 s"
+        );
+    }
 
     fn photos(names: &[&str]) -> Vec<PathBuf> {
         names

@@ -128,8 +128,9 @@ pub struct LoraSettings {
     /// Class images sampled from the base model for prior preservation.
     #[serde(default = "d_class_images_100")]
     pub num_class_images: u32,
-    /// Recompute the UNet's blocks in the backward pass instead of keeping their activations:
-    /// less memory for about a third more compute.
+    /// Recompute the UNet's blocks (and the text encoder's layers, when it trains) in the
+    /// backward pass instead of keeping their activations: less memory for about a third more
+    /// compute.
     #[serde(default)]
     pub gradient_checkpointing: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -164,9 +165,9 @@ pub struct DreamboothSettings {
     /// ComfyUI) beside the diffusers pipeline.
     #[serde(default)]
     pub single_file: bool,
-    /// Recompute the UNet's blocks in the backward pass instead of keeping their activations:
-    /// less memory for about a third more compute (on by default: full fine-tuning is where
-    /// memory runs out).
+    /// Recompute the UNet's blocks (and the text encoder's layers, when it trains) in the
+    /// backward pass instead of keeping their activations: less memory for about a third more
+    /// compute (on by default: full fine-tuning is where memory runs out).
     #[serde(default = "d_true")]
     pub gradient_checkpointing: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -202,8 +203,9 @@ pub struct TextualInversionSettings {
     /// the file name there).
     #[serde(default)]
     pub a1111: bool,
-    /// Recompute the UNet's blocks in the backward pass instead of keeping their activations:
-    /// less memory for about a third more compute.
+    /// Recompute the UNet's blocks (and the text encoder's layers, when it trains) in the
+    /// backward pass instead of keeping their activations: less memory for about a third more
+    /// compute.
     #[serde(default)]
     pub gradient_checkpointing: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -233,8 +235,9 @@ pub struct CustomDiffusionSettings {
     pub prior_loss_weight: f64,
     #[serde(default = "d_class_images_200")]
     pub num_class_images: u32,
-    /// Recompute the UNet's blocks in the backward pass instead of keeping their activations:
-    /// less memory for about a third more compute.
+    /// Recompute the UNet's blocks (and the text encoder's layers, when it trains) in the
+    /// backward pass instead of keeping their activations: less memory for about a third more
+    /// compute.
     #[serde(default)]
     pub gradient_checkpointing: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -267,8 +270,9 @@ pub struct SvdiffSettings {
     /// Also write a merged diffusers pipeline for tools without an SVDiff loader.
     #[serde(default)]
     pub merged_pipeline: bool,
-    /// Recompute the UNet's blocks in the backward pass instead of keeping their activations:
-    /// less memory for about a third more compute.
+    /// Recompute the UNet's blocks (and the text encoder's layers, when it trains) in the
+    /// backward pass instead of keeping their activations: less memory for about a third more
+    /// compute.
     #[serde(default)]
     pub gradient_checkpointing: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]

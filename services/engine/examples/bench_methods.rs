@@ -31,7 +31,13 @@ const METHODS: [&str; 5] = [
     "svdiff",
 ];
 
+// As the sidbooth binaries allocate (weights mapped from their files).
+#[global_allocator]
+static ALLOC: sidbooth_engine::mapped::MappedAware = sidbooth_engine::mapped::MappedAware;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // As the sidbooth binaries set up their allocator.
+    sidbooth_engine::kernels::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let get = |k: &str| {
         args.iter()

@@ -17,7 +17,13 @@ use sidbooth_engine::unet::UNet2DConditionModel;
 use sidbooth_engine::vae::AutoencoderKL;
 use sidbooth_engine::weights;
 
+// As the sidbooth binaries allocate (weights mapped from their files).
+#[global_allocator]
+static ALLOC: sidbooth_engine::mapped::MappedAware = sidbooth_engine::mapped::MappedAware;
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
+    // As the sidbooth binaries set up their allocator.
+    sidbooth_engine::kernels::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let get = |k: &str| {
         args.iter()

@@ -26,7 +26,21 @@ use sidbooth_engine::unet::UNet2DConditionModel;
 use sidbooth_engine::vae::AutoencoderKL;
 use sidbooth_engine::weights;
 
-fn main() -> Result<(), Box<dyn std::error::Error>> {
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+// As the sidbooth binaries allocate (weights mapped from their files).
+#[global_allocator]
+static ALLOC: sidbooth_engine::mapped::MappedAware = sidbooth_engine::mapped::MappedAware;
+
+fn main() -> Result<(), BoxError> {
+    // As the sidbooth binaries set up their allocator.
+    sidbooth_engine::kernels::keep_freed_memory();
+    // `train::run` moves its work onto the CPU kernels' threads; this drives the trainer
+    // directly, so it goes there itself.
+    sidbooth_engine::kernels::on_compute_threads(&Device::Cpu, bench)
+}
+
+fn bench() -> Result<(), BoxError> {
     let args: Vec<String> = std::env::args().collect();
     let get = |k: &str| {
         args.iter()

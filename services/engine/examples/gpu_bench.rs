@@ -155,7 +155,13 @@ fn gib(b: Option<usize>) -> String {
         .unwrap_or_else(|| "n/a".into())
 }
 
+// As the sidbooth binaries allocate (weights mapped from their files).
+#[global_allocator]
+static ALLOC: sidbooth_engine::mapped::MappedAware = sidbooth_engine::mapped::MappedAware;
+
 fn main() -> Result<(), BoxErr> {
+    // As the sidbooth binaries set up their allocator.
+    sidbooth_engine::kernels::keep_freed_memory();
     let args: Vec<String> = std::env::args().collect();
     let get = |k: &str| {
         args.iter()

@@ -6,11 +6,14 @@
 //! norm), which is what `StableDiffusionPipeline` passes to the UNet; SD 2.x checkpoints have 23
 //! layers (the penultimate layer of OpenCLIP ViT-H) so nothing else is needed.
 
+use std::sync::Arc;
+
 use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::config::ClipTextConfig;
 use crate::nn::{softmax_last, Activation, LayerNorm, Linear, VisitLinears};
+use crate::recompute::{checkpoint, GradSink, Segment};
 use crate::tokenizer::ClipTokenizer;
 use crate::weights::NamedWeights;
 
@@ -92,6 +95,18 @@ impl ClipLayer {
     }
 }
 
+/// An encoder layer as a recomputed segment: `(x, causal mask)`.
+struct LayerSegment(ClipLayer);
+
+impl Segment for LayerSegment {
+    fn name(&self) -> &'static str {
+        "recompute-clip-layer"
+    }
+    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        self.0.forward(x, mask)
+    }
+}
+
 /// CLIP text transformer.
 #[derive(Clone, Debug)]
 pub struct ClipTextModel {
@@ -102,6 +117,9 @@ pub struct ClipTextModel {
     layers: Vec<ClipLayer>,
     final_layer_norm: LayerNorm,
     weights: NamedWeights,
+    /// Gradient checkpointing: encoder layers are recomputed in the backward pass and the
+    /// gradients of their weights go here (see [`crate::recompute`]).
+    recompute: Option<Arc<GradSink>>,
 }
 
 impl ClipTextModel {
@@ -154,7 +172,20 @@ impl ClipTextModel {
             layers,
             final_layer_norm,
             weights: Vec::new(),
+            recompute: None,
         })
+    }
+
+    /// Turns gradient checkpointing of the encoder layers on (with the sink that collects the
+    /// recomputed weights' gradients) or off. For a text encoder that trains (or that passes a
+    /// gradient to a trained token embedding); a frozen one keeps no graph anyway.
+    pub fn set_gradient_checkpointing(&mut self, sink: Option<Arc<GradSink>>) {
+        self.recompute = sink;
+    }
+
+    /// The sink set by [`set_gradient_checkpointing`](Self::set_gradient_checkpointing), if any.
+    pub fn gradient_checkpointing(&self) -> Option<&Arc<GradSink>> {
+        self.recompute.as_ref()
     }
 
     /// Grows the token embedding to `vocab_size` rows (for tokens added to the tokenizer); each new
@@ -243,7 +274,10 @@ impl ClipTextModel {
         let mut x = tok.broadcast_add(&pos)?;
         let mask = Self::causal_mask(n, x.dtype(), x.device())?;
         for l in &self.layers {
-            x = l.forward(&x, &mask)?;
+            x = match &self.recompute {
+                Some(sink) => checkpoint(LayerSegment(l.clone()), sink, &x, &mask)?,
+                None => l.forward(&x, &mask)?,
+            };
         }
         self.final_layer_norm.forward(&x)
     }
@@ -280,5 +314,80 @@ impl VisitLinears for ClipTextModel {
             out.push(&mut l.fc1);
             out.push(&mut l.fc2);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use candle_core::{DType, Device, Tensor, Var};
+
+    use super::*;
+    use crate::kernels::rel_err;
+
+    /// Recomputed encoder layers give the output and every gradient of the plain graph, and
+    /// the layers' weights get theirs through the sink alone (so they were recomputed).
+    #[test]
+    fn recomputed_layers_give_the_plain_gradients() {
+        let cfg = crate::tiny::TinyModel::text_config();
+        let dev = Device::Cpu;
+        let (vb, record) = crate::weights::seeded(4, DType::F32, &dev);
+        ClipTextModel::new(vb, &cfg).unwrap();
+        let vars: HashMap<String, Var> = record
+            .take()
+            .into_iter()
+            .map(|(n, t)| (n, Var::from_tensor(&t).unwrap()))
+            .collect();
+        let tensors = vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        let (vb, _) = crate::weights::from_tensors(tensors, DType::F32, &dev);
+        let plain = ClipTextModel::new(vb, &cfg).unwrap();
+        let sink = Arc::new(GradSink::default());
+        let mut recomputed = plain.clone();
+        recomputed.set_gradient_checkpointing(Some(sink.clone()));
+
+        let ids = Tensor::new(&[[0u32, 17, 250, 9, 1], [0, 3, 3, 40, 1]], &dev).unwrap();
+        let (a, b) = (
+            plain.forward(&ids).unwrap(),
+            recomputed.forward(&ids).unwrap(),
+        );
+        assert!(rel_err(&b, &a) < 1e-6, "outputs differ");
+        // A loss that weighs every position differently, so no gradient is trivially zero.
+        let w = Tensor::arange(0f32, a.elem_count() as f32, &dev)
+            .unwrap()
+            .reshape(a.shape())
+            .unwrap()
+            .sin()
+            .unwrap();
+        let loss = |y: &Tensor| (y * &w).unwrap().sum_all().unwrap();
+        let outer_plain = loss(&a).backward().unwrap();
+        let outer = loss(&b).backward().unwrap();
+        let inner = sink.take();
+
+        let mut layer_weights = 0;
+        for (name, var) in &vars {
+            let want = outer_plain
+                .get(var.as_tensor())
+                .unwrap_or_else(|| panic!("{name}: no plain gradient"));
+            let got = match (outer.get(var.as_tensor()), inner.get(&var.as_tensor().id())) {
+                (Some(g), None) => g.clone(),
+                (None, Some(g)) => {
+                    layer_weights += 1;
+                    g.clone()
+                }
+                (o, i) => panic!(
+                    "{name}: outer gradient {}, recomputed gradient {}",
+                    o.is_some(),
+                    i.is_some()
+                ),
+            };
+            assert!(name.contains("encoder.layers.") == inner.contains_key(&var.as_tensor().id()));
+            assert!(rel_err(&got, want) < 1e-5, "{name}: gradients differ");
+        }
+        // q, k, v, out, fc1, fc2 (weight and bias) and two layer norms, per layer.
+        assert_eq!(layer_weights, cfg.num_hidden_layers * 16);
     }
 }

@@ -266,7 +266,18 @@ impl StableDiffusion {
     pub fn generate(
         &self,
         req: &GenerateRequest,
-        mut progress: Option<&mut dyn FnMut(usize, usize)>,
+        progress: Option<&mut (dyn FnMut(usize, usize) + Send)>,
+        cancel: Option<&AtomicBool>,
+    ) -> Result<GenerateOutput> {
+        crate::kernels::on_compute_threads(&self.device, || {
+            self.generate_here(req, progress, cancel)
+        })
+    }
+
+    fn generate_here(
+        &self,
+        req: &GenerateRequest,
+        mut progress: Option<&mut (dyn FnMut(usize, usize) + Send)>,
         cancel: Option<&AtomicBool>,
     ) -> Result<GenerateOutput> {
         let n = req.num_images.max(1);

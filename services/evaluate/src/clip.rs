@@ -18,6 +18,7 @@ use image::RgbImage;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use sidbooth_engine::config::ClipTextConfig;
+use sidbooth_engine::kernels::on_compute_threads;
 use sidbooth_engine::nn::{Activation, LayerNorm, Linear};
 use sidbooth_engine::tiny::{TINY_MERGES_TXT, TINY_VOCAB_JSON};
 use sidbooth_engine::tokenizer::ClipTokenizer;
@@ -461,12 +462,16 @@ impl ClipModel {
             .in_batches(pixel_values, |x| self.image_features(x))?)
     }
 
+    /// One batch; like every pass here, on the engine's CPU threads (see
+    /// [`on_compute_threads`]).
     fn image_features(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
-        let pixels = pixels.to_device(&self.device)?.to_dtype(DType::F32)?;
-        let cls = self
-            .post_layernorm
-            .forward(&self.vision.class_token_output(&pixels)?)?;
-        l2_normalize(&cls.matmul(&self.visual_projection.t()?)?)
+        on_compute_threads(&self.device, || {
+            let pixels = pixels.to_device(&self.device)?.to_dtype(DType::F32)?;
+            let cls = self
+                .post_layernorm
+                .forward(&self.vision.class_token_output(&pixels)?)?;
+            l2_normalize(&cls.matmul(&self.visual_projection.t()?)?)
+        })
     }
 
     /// Token ids as `CLIPTokenizer(truncation=True, max_length=max_position_embeddings)` gives
@@ -510,8 +515,10 @@ impl ClipModel {
         }
         let input = Tensor::from_vec(flat, (b, n), &self.device)?;
         let at = Tensor::from_vec(pooled, b, &self.device)?;
-        let pooled = self.text.pooled(&input, &at)?;
-        l2_normalize(&pooled.matmul(&self.text_projection.t()?)?)
+        on_compute_threads(&self.device, || {
+            let pooled = self.text.pooled(&input, &at)?;
+            l2_normalize(&pooled.matmul(&self.text_projection.t()?)?)
+        })
     }
 
     /// A tiny CLIP with seeded random weights (the configuration of `fixtures/tiny-clip`).

@@ -18,6 +18,7 @@ use candle_nn::VarBuilder;
 use image::RgbImage;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use sidbooth_engine::kernels::on_compute_threads;
 use sidbooth_engine::nn::{Activation, LayerNorm, Linear};
 use sidbooth_engine::weights::{self, NamedWeights};
 
@@ -239,11 +240,13 @@ impl DinoModel {
     /// The final layer norm is per token, so normalising the class token alone is the class
     /// token of the normalised sequence.
     fn features(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
-        let pixels = pixels.to_device(&self.device)?.to_dtype(DType::F32)?;
-        let cls = self
-            .layernorm
-            .forward(&self.trunk.class_token_output(&pixels)?)?;
-        l2_normalize(&cls)
+        on_compute_threads(&self.device, || {
+            let pixels = pixels.to_device(&self.device)?.to_dtype(DType::F32)?;
+            let cls = self
+                .layernorm
+                .forward(&self.trunk.class_token_output(&pixels)?)?;
+            l2_normalize(&cls)
+        })
     }
 
     /// A tiny DINO with seeded random weights (the configuration of `fixtures/tiny-dino`).

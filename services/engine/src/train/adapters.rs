@@ -130,7 +130,12 @@ impl PromptEncoder for ClipPromptEncoder {
         let mut model = ClipTextModel::new(vb, &self.model.config)?;
         // As for the UNet: the rebuilt model can be rebuilt again.
         model.set_named_weights(record.take());
+        model.set_gradient_checkpointing(self.model.gradient_checkpointing().cloned());
         self.model = model;
+        Ok(())
+    }
+    fn set_gradient_checkpointing(&mut self, sink: Option<Arc<GradSink>>) -> Result<()> {
+        self.model.set_gradient_checkpointing(sink);
         Ok(())
     }
     fn named_weights(&self) -> Vec<(String, Tensor)> {

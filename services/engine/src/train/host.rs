@@ -64,6 +64,11 @@ pub trait PromptEncoder {
     fn add_token(&mut self, token: &str, _vectors: usize) -> Result<Vec<u32>> {
         candle_core::bail!("this text encoder cannot add the token {token}")
     }
+    /// As [`Denoiser::set_gradient_checkpointing`], for the encoder's layers; asked only of a
+    /// text encoder that a gradient passes through.
+    fn set_gradient_checkpointing(&mut self, _sink: Option<Arc<GradSink>>) -> Result<()> {
+        candle_core::bail!("this text encoder cannot recompute its layers")
+    }
 }
 
 /// The VAE encoder half.

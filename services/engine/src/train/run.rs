@@ -25,8 +25,9 @@ pub struct PriorConfig {
     pub seed: u64,
 }
 
-/// Samples class images from the base model (the pipeline implements it).
-pub trait ClassImageGenerator {
+/// Samples class images from the base model (the pipeline implements it). `Sync`: a run hands
+/// it to the CPU kernels' threads with the rest of its work.
+pub trait ClassImageGenerator: Sync {
     /// Images `first..first + n` of `prompt` at `resolution`, image `i` seeded with `seed + i`.
     /// Returns `Ok(None)` when `cancel` was set.
     fn generate(
@@ -146,6 +147,17 @@ fn ensure_class_images(
 /// Trains `cfg.method` on `cfg.photos` starting from `models` (which stay unchanged).
 /// Synchronous; returns when done, canceled (through `callbacks.cancel`) or failed.
 pub fn run(
+    cfg: &TrainConfig,
+    models: &TrainModels,
+    class_generator: Option<&dyn ClassImageGenerator>,
+    callbacks: &mut Callbacks<'_>,
+) -> Result<TrainOutcome, TrainError> {
+    crate::kernels::on_compute_threads(&models.device, || {
+        run_here(cfg, models, class_generator, callbacks)
+    })
+}
+
+fn run_here(
     cfg: &TrainConfig,
     models: &TrainModels,
     class_generator: Option<&dyn ClassImageGenerator>,

@@ -59,8 +59,9 @@ pub struct LoopConfig {
     pub prior_loss_weight: f64,
     /// Restrict the instance loss to the examples' masks.
     pub masked_loss: Option<MaskedLossConfig>,
-    /// Recompute the UNet's resnets and transformers in the backward pass instead of keeping
-    /// their activations ([`crate::recompute`]): less memory for about one more forward pass.
+    /// Recompute the UNet's resnets and transformers (and the text encoder's layers, when a
+    /// gradient passes through it) in the backward pass instead of keeping their activations
+    /// ([`crate::recompute`]): less memory for about one more forward pass.
     #[serde(default)]
     pub gradient_checkpointing: bool,
     /// Write a checkpoint every this many optimizer steps (0: never).
@@ -110,18 +111,18 @@ pub struct StepReport {
 /// Progress callbacks and the cancel flag.
 #[derive(Default)]
 pub struct Callbacks<'a> {
-    pub on_step: Option<Box<dyn FnMut(&StepReport) + 'a>>,
-    pub on_checkpoint: Option<Box<dyn FnMut(u64, &Path) + 'a>>,
+    pub on_step: Option<Box<dyn FnMut(&StepReport) + Send + 'a>>,
+    pub on_checkpoint: Option<Box<dyn FnMut(u64, &Path) + Send + 'a>>,
     /// Checked before every step; when set, the loop stops with [`LoopOutcome::Canceled`].
     pub cancel: Option<Arc<AtomicBool>>,
 }
 
 impl<'a> Callbacks<'a> {
-    pub fn on_step(mut self, f: impl FnMut(&StepReport) + 'a) -> Self {
+    pub fn on_step(mut self, f: impl FnMut(&StepReport) + Send + 'a) -> Self {
         self.on_step = Some(Box::new(f));
         self
     }
-    pub fn on_checkpoint(mut self, f: impl FnMut(u64, &Path) + 'a) -> Self {
+    pub fn on_checkpoint(mut self, f: impl FnMut(u64, &Path) + Send + 'a) -> Self {
         self.on_checkpoint = Some(Box::new(f));
         self
     }
@@ -255,6 +256,13 @@ impl<'a> Trainer<'a> {
             .then(|| Arc::new(GradSink::default()));
         if let Some(sink) = &recompute {
             inputs.unet.set_gradient_checkpointing(Some(sink.clone()))?;
+            // A frozen text encoder's prompts are encoded once, outside any graph; one that a
+            // gradient passes through keeps its layers' activations unless they are recomputed.
+            if inputs.method.trains_text_encoder() {
+                inputs
+                    .text_encoder
+                    .set_gradient_checkpointing(Some(sink.clone()))?;
+            }
         }
         let mut prompt_cache = HashMap::new();
         if !inputs.method.trains_text_encoder() {

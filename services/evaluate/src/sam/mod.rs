@@ -29,6 +29,7 @@ use std::path::Path;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
 use image::RgbImage;
+use sidbooth_engine::kernels::on_compute_threads;
 use sidbooth_engine::weights::{save_safetensors, seeded};
 
 pub use automatic::{Proposal, ProposalSettings};
@@ -134,7 +135,8 @@ impl Sam {
     pub fn embed(&self, photo: &RgbImage) -> Result<ImageEmbedding> {
         let (input, input_size) = self.preprocess(photo)?;
         Ok(ImageEmbedding {
-            features: self.encoder.forward(&input)?,
+            // On the engine's CPU threads, as every model pass (see `on_compute_threads`).
+            features: on_compute_threads(&self.device, || self.encoder.forward(&input))?,
             original_size: (photo.height() as usize, photo.width() as usize),
             input_size,
         })
@@ -201,9 +203,10 @@ impl Sam {
 
     fn decode(&self, emb: &ImageEmbedding, sparse: &Tensor, multimask: bool) -> Result<Prediction> {
         let dense = self.prompt_encoder.dense_no_mask()?;
-        let (low_res_logits, iou_predictions) =
+        let (low_res_logits, iou_predictions) = on_compute_threads(&self.device, || {
             self.decoder
-                .forward(&emb.features, &self.dense_pe, sparse, &dense, multimask)?;
+                .forward(&emb.features, &self.dense_pe, sparse, &dense, multimask)
+        })?;
         Ok(Prediction {
             low_res_logits,
             iou_predictions,
