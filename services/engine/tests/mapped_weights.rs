@@ -9,6 +9,9 @@ use std::sync::Mutex;
 use candle_core::{DType, Device, Tensor};
 use sidbooth_engine::mapped::{self, MappedAware};
 use sidbooth_engine::weights;
+use support::flat;
+
+mod support;
 
 #[global_allocator]
 static ALLOC: MappedAware = MappedAware;
@@ -42,15 +45,6 @@ fn write_file(dir: &std::path::Path) -> std::path::PathBuf {
     path
 }
 
-fn values(t: &Tensor) -> Vec<f32> {
-    t.to_dtype(DType::F32)
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
 #[test]
 fn mapped_tensors_hold_the_files_values_and_keep_writes_to_themselves() {
     let _serial = serial();
@@ -67,7 +61,7 @@ fn mapped_tensors_hold_the_files_values_and_keep_writes_to_themselves() {
     for name in ["a", "b", "c", "d"] {
         let want = theirs.load(name, &Device::Cpu).unwrap();
         let got = vb.get(want.dims(), name).unwrap();
-        assert_eq!(values(&got), values(&want), "{name}");
+        assert_eq!(flat(&got), flat(&want), "{name}");
     }
     // The builder gone, the file stays mapped for the tensor still over it.
     drop(vb);
@@ -76,7 +70,7 @@ fn mapped_tensors_hold_the_files_values_and_keep_writes_to_themselves() {
     // An in-place write changes the tensor and not the file.
     let ones = Tensor::ones((1, 3, 4), DType::F32, &Device::Cpu).unwrap();
     a.slice_set(&ones, 0, 1).unwrap();
-    let got = values(&a);
+    let got = flat(&a);
     assert_eq!(
         &got[..12],
         &(0..12).map(|i| i as f32 * 0.5).collect::<Vec<_>>()[..]
