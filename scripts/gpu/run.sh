@@ -7,14 +7,15 @@
 #
 # Runs, each under its own timeout: ours (.gpu/gpu_bench, candle CUDA f16) then diffusers
 # (scripts/gpu/bench_diffusers.py, torch CUDA fp16), on the same SD 2.1-base-sized random weights
-# at 512x512, and prints a table last. Knobs: T_OURS, T_DIFF (seconds), OURS_ARGS, DIFF_ARGS.
+# at 512x512 (training: LoRA, and DreamBooth for ours), and prints a table last. Knobs: T_OURS,
+# T_DIFF (seconds), OURS_ARGS, DIFF_ARGS.
 set -u
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/gpu-bench-out}
 mkdir -p "$OUT"
-T_OURS=${T_OURS:-200}
+T_OURS=${T_OURS:-260}
 T_DIFF=${T_DIFF:-150}
-OURS_ARGS=${OURS_ARGS:-"--steps 50 --repeats 3 --train-steps 10 --train-warmup 3 --mem-steps 2 --budget 45"}
+OURS_ARGS=${OURS_ARGS:-"--steps 50 --repeats 3 --train-steps 10 --train-warmup 3 --mem-steps 2 --budget 45 --train-methods lora,dreambooth"}
 DIFF_ARGS=${DIFF_ARGS:-"--steps 50 --repeats 3 --train-steps 10 --train-warmup 3 --mem-steps 2"}
 CONFIG=services/engine/fixtures/configs/sd21-base
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1
@@ -108,6 +109,9 @@ rows = [
     ("train torch max_memory_allocated GiB", "train_max_allocated_gib", "{:.2f}"),
     ("train torch max_memory_reserved GiB", "train_max_reserved_gib", "{:.2f}"),
     ("trainable LoRA params", "train_trainable_params", "{:.0f}"),
+    # Full fine-tuning (UNet and text encoder, gradient checkpointing on); ours only so far.
+    ("ms per DreamBooth training step (b1)", "dreambooth_train_ms_per_step", "{:.1f}"),
+    ("DreamBooth peak device mem GiB", "dreambooth_train_peak_device_gib", "{:.2f}"),
 ]
 print(f"device: {d.get('device', '?')}; ours {o.get('device', '?')} {o.get('dtype', '')}; diffusers {d.get('dtype', '')}")
 print(f"{'metric':42s} {'ours':>10s} {'diffusers':>10s} {'ours/diff':>10s}")
@@ -115,7 +119,7 @@ for name, k, fmt in rows:
     a, b = num(o, k), num(d, k)
     ratio = f"{a / b:.2f}" if a is not None and b else "-"
     print(f"{name:42s} {fmt.format(a) if a is not None else '-':>10s} {fmt.format(b) if b is not None else '-':>10s} {ratio:>10s}")
-for k in ("sample_error", "train_error"):
+for k in ("sample_error", "train_error", "dreambooth_train_error"):
     if k in o:
         print(f"ours {k}: {o[k][:300]}")
 PY

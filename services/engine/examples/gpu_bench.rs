@@ -1,14 +1,17 @@
 //! GPU benchmark of issue 3: SD 2.1-base-sized random weights (fixtures/configs/sd21-base) at
 //! 512x512 on one CUDA device, in one process:
 //! - seconds per 50-step DDIM CFG 7.5 image (median of `--repeats` after a 2-step warm-up);
-//! - milliseconds per LoRA training step (UNet attention to_q/to_k/to_v/to_out.0, rank 4,
-//!   batch 1, AdamW, grad clipping 1.0; median of `--train-steps` after `--train-warmup`);
-//! - peak device memory while training (cuMemGetInfo sampled every millisecond on a second
+//! - milliseconds per training step of each of `--train-methods` (default `lora`: UNet attention
+//!   to_q/to_k/to_v/to_out.0, rank 4; `dreambooth`: every UNet and text-encoder weight, with
+//!   gradient checkpointing as the service defaults it), batch 1, AdamW, grad clipping 1.0;
+//!   median of `--train-steps` after `--train-warmup`;
+//! - peak device memory while training each (cuMemGetInfo sampled every millisecond on a second
 //!   thread during extra steps run after the timed ones, so the sampler does not touch the times).
 //!
 //! cargo build --release -p sidbooth-engine --features cuda --example gpu_bench
 //! gpu_bench [--config DIR] [--dtype f16|bf16|f32] [--steps 50] [--repeats 3] [--train-steps 10]
 //!     [--train-warmup 3] [--mem-steps 2] [--rank 4] [--resolution 512] [--skip-sample]
+//!     [--train-methods lora,dreambooth]
 //!     [--skip-train] [--budget 60] [--cpu] [--json FILE]
 //!
 //! Each phase stops repeating once it has run `--budget` seconds; a phase that fails is reported
@@ -26,6 +29,7 @@ use sidbooth_engine::config::ModelDir;
 use sidbooth_engine::pipeline::{GenerateRequest, StableDiffusion};
 use sidbooth_engine::tiny::TinyModel;
 use sidbooth_engine::train::data::{CaptionedPhoto, LatentSet, PhotoSource};
+use sidbooth_engine::train::method::dreambooth::{DreamboothConfig, DreamboothMethod};
 use sidbooth_engine::train::method::{LoraConfig, LoraMethod, ModelsMut, TrainingMethod};
 use sidbooth_engine::train::schedule::LrSchedule;
 use sidbooth_engine::train::trainer::{LoopConfig, TrainInputs, Trainer};
@@ -219,11 +223,13 @@ fn main() -> Result<(), BoxErr> {
 
     let md = ModelDir::open(&config)?;
     let t0 = Instant::now();
-    let (vb, _) = weights::seeded(1, dtype, &device);
-    let text_encoder = ClipTextModel::new(vb, &md.text_encoder)?;
+    // Named, so that full fine-tuning (dreambooth) finds the weights to train.
+    let (vb, rec) = weights::seeded(1, dtype, &device);
+    let mut text_encoder = ClipTextModel::new(vb, &md.text_encoder)?;
+    text_encoder.set_named_weights(rec.take());
     let (vb, rec) = weights::seeded(2, dtype, &device);
-    let unet = UNet2DConditionModel::new(vb, &md.unet)?;
-    drop(rec);
+    let mut unet = UNet2DConditionModel::new(vb, &md.unet)?;
+    unet.set_named_weights(rec.take());
     let (vb, _) = weights::seeded(3, dtype, &device);
     let vae = AutoencoderKL::new(vb, &md.vae)?;
     device.synchronize()?;
@@ -322,13 +328,22 @@ fn main() -> Result<(), BoxErr> {
     }
 
     if !flag("--skip-train") {
-        let phase = |sd: StableDiffusion| -> Result<Vec<(String, String)>, BoxErr> {
+        let base = TrainModels::from_pipeline(&sd)?;
+        drop(sd);
+        // One method at a time: each trainer is gone before the next one's memory is sampled.
+        let phase = |method_name: &str| -> Result<Vec<(String, String)>, BoxErr> {
             let mut results = Vec::new();
-            let base = TrainModels::from_pipeline(&sd)?;
-            drop(sd);
             let mut m = base.clone();
-            drop(base);
-            let mut method = LoraMethod::new(LoraConfig::with_rank(rank))?;
+            // LoRA keeps the result names it always had; other methods prefix theirs.
+            let key = |k: &str| match method_name {
+                "lora" => k.to_string(),
+                other => format!("{other}_{k}"),
+            };
+            let mut method: Box<dyn TrainingMethod> = match method_name {
+                "lora" => Box::new(LoraMethod::new(LoraConfig::with_rank(rank))?),
+                "dreambooth" => Box::new(DreamboothMethod::new(DreamboothConfig::default())),
+                other => return Err(format!("--train-methods: unknown method {other}").into()),
+            };
             method.attach(
                 ModelsMut {
                     unet: &mut m.unet,
@@ -350,7 +365,7 @@ fn main() -> Result<(), BoxErr> {
                 unet: &mut m.unet,
                 text_encoder: &mut m.text_encoder,
                 schedule: &m.schedule,
-                method: &method,
+                method: &*method,
                 instance: &instance,
                 class: None,
             };
@@ -359,6 +374,8 @@ fn main() -> Result<(), BoxErr> {
                 seed: 0,
                 max_steps: total,
                 lr: LrSchedule::constant(1e-4),
+                // As the service's defaults: on for full fine-tuning only.
+                gradient_checkpointing: method_name == "dreambooth",
                 ..LoopConfig::default()
             };
             let mut trainer = Trainer::new(inputs, cfg)?;
@@ -368,7 +385,7 @@ fn main() -> Result<(), BoxErr> {
             }
             device.synchronize()?;
             println!(
-                "training warm-up ({train_warmup} steps) {:.2} s",
+                "{method_name} training warm-up ({train_warmup} steps) {:.2} s",
                 t.elapsed().as_secs_f64()
             );
             let mut times = Vec::with_capacity(train_steps);
@@ -388,12 +405,11 @@ fn main() -> Result<(), BoxErr> {
             let mean = t_all.elapsed().as_secs_f64() * 1000.0 / n as f64;
             let med = median(&mut times);
             println!(
-            "ours: {med:.1} ms per LoRA training step (median of {n}, mean {mean:.1}; {resolution}x{resolution}, batch 1, rank {rank}, {n_params} trainable in {} adapters, last loss {last:.4})",
-            method.modules().len()
-        );
-            results.push(("train_ms_per_step".into(), format!("{med:.2}")));
-            results.push(("train_trainable_params".into(), n_params.to_string()));
-            results.push(("train_last_loss".into(), format!("{last:.5}")));
+                "ours: {med:.1} ms per {method_name} training step (median of {n}, mean {mean:.1}; {resolution}x{resolution}, batch 1, {n_params} trainable, last loss {last:.4})"
+            );
+            results.push((key("train_ms_per_step"), format!("{med:.2}")));
+            results.push((key("train_trainable_params"), n_params.to_string()));
+            results.push((key("train_last_loss"), format!("{last:.5}")));
             if let Some(sampler) = (mem_steps > 0)
                 .then(|| mem::Sampler::start(&device))
                 .flatten()
@@ -404,17 +420,17 @@ fn main() -> Result<(), BoxErr> {
                 device.synchronize()?;
                 let peak = sampler.finish();
                 println!(
-                "ours: peak device memory in use while training {:.2} GiB (cuMemGetInfo, all models + CUDA context; {:.2} GiB above the {} GiB in use before the models were built)",
-                peak as f64 / GIB,
-                (peak.saturating_sub(mem_context.unwrap_or(0))) as f64 / GIB,
-                gib(mem_context)
-            );
+                    "ours: peak device memory in use while training {method_name} {:.2} GiB (cuMemGetInfo, all models + CUDA context; {:.2} GiB above the {} GiB in use before the models were built)",
+                    peak as f64 / GIB,
+                    (peak.saturating_sub(mem_context.unwrap_or(0))) as f64 / GIB,
+                    gib(mem_context)
+                );
                 results.push((
-                    "train_peak_device_gib".into(),
+                    key("train_peak_device_gib"),
                     format!("{:.3}", peak as f64 / GIB),
                 ));
                 results.push((
-                    "train_peak_above_context_gib".into(),
+                    key("train_peak_above_context_gib"),
                     format!(
                         "{:.3}",
                         peak.saturating_sub(mem_context.unwrap_or(0)) as f64 / GIB
@@ -423,15 +439,23 @@ fn main() -> Result<(), BoxErr> {
             }
             Ok(results)
         };
-        match phase(sd) {
-            Ok(r) => results.extend(r),
-            Err(e) => {
-                println!("ours: training FAILED: {e}");
-                results.push(("train_error".into(), e.to_string()));
-                failed = true;
+        let methods = get("--train-methods").unwrap_or_else(|| "lora".into());
+        for name in methods.split(',').map(str::trim).filter(|s| !s.is_empty()) {
+            match phase(name) {
+                Ok(r) => results.extend(r),
+                Err(e) => {
+                    println!("ours: {name} training FAILED: {e}");
+                    let k = if name == "lora" {
+                        "train_error".to_string()
+                    } else {
+                        format!("{name}_train_error")
+                    };
+                    results.push((k, e.to_string()));
+                    failed = true;
+                }
             }
+            write_json(json.as_ref(), &results)?;
         }
-        write_json(json.as_ref(), &results)?;
     }
 
     if failed {

@@ -245,7 +245,9 @@ impl ClipTextModel {
         Ok(ids)
     }
 
-    pub(crate) fn set_named_weights(&mut self, w: NamedWeights) {
+    /// Names the tensors the model was built from (the [`crate::weights::Record`] of its
+    /// builder): what full fine-tuning and `replace_weights` work on.
+    pub fn set_named_weights(&mut self, w: NamedWeights) {
         self.weights = w;
     }
 
