@@ -9,13 +9,9 @@
 use std::time::Instant;
 
 use candle_core::{DType, Device};
-use sidbooth_engine::clip::ClipTextModel;
 use sidbooth_engine::config::ModelDir;
-use sidbooth_engine::pipeline::{GenerateRequest, StableDiffusion};
-use sidbooth_engine::tiny::TinyModel;
-use sidbooth_engine::unet::UNet2DConditionModel;
-use sidbooth_engine::vae::AutoencoderKL;
-use sidbooth_engine::weights;
+use sidbooth_engine::pipeline::GenerateRequest;
+use sidbooth_engine::tiny::seeded_pipeline;
 
 // As the sidbooth binaries allocate (weights mapped from their files).
 #[global_allocator]
@@ -48,25 +44,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/configs/sd21-base");
     let md = ModelDir::open(&dir)?;
     let t0 = Instant::now();
-    let (vb, _) = weights::seeded(1, dtype, &device);
-    let text_encoder = ClipTextModel::new(vb, &md.text_encoder)?;
-    let (vb, _) = weights::seeded(2, dtype, &device);
-    let unet = UNet2DConditionModel::new(vb, &md.unet)?;
-    let (vb, _) = weights::seeded(3, dtype, &device);
-    let vae = AutoencoderKL::new(vb, &md.vae)?;
+    let (sd, _) = seeded_pipeline(&(&md).into(), 1, &device, dtype)?;
     println!(
         "built random SD 2.1-base weights in {:.1} s on {device:?} ({dtype:?})",
         t0.elapsed().as_secs_f64()
     );
-    let sd = StableDiffusion {
-        tokenizer: TinyModel::tokenizer()?,
-        text_encoder,
-        unet,
-        vae,
-        scheduler_config: md.scheduler.clone(),
-        device: device.clone(),
-        dtype,
-    };
     let req = GenerateRequest {
         prompt: "a photo of a dog".into(),
         steps,

@@ -13,18 +13,13 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use image::{Rgb, RgbImage};
-use sidbooth_engine::clip::ClipTextModel;
 use sidbooth_engine::config::ModelDir;
-use sidbooth_engine::pipeline::StableDiffusion;
-use sidbooth_engine::tiny::TinyModel;
+use sidbooth_engine::tiny::{seeded_pipeline, TinyModel};
 use sidbooth_engine::train::data::{CaptionedPhoto, LatentSet, PhotoSource};
 use sidbooth_engine::train::method::{LoraConfig, LoraMethod, ModelsMut, TrainingMethod};
 use sidbooth_engine::train::schedule::LrSchedule;
 use sidbooth_engine::train::trainer::{LoopConfig, TrainInputs, Trainer};
 use sidbooth_engine::train::TrainModels;
-use sidbooth_engine::unet::UNet2DConditionModel;
-use sidbooth_engine::vae::AutoencoderKL;
-use sidbooth_engine::weights;
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -73,23 +68,7 @@ fn bench() -> Result<(), BoxError> {
         let dir =
             std::path::PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fixtures/configs/sd21-base");
         let md = ModelDir::open(&dir)?;
-        let (vb, _) = weights::seeded(1, dtype, &device);
-        let text_encoder = ClipTextModel::new(vb, &md.text_encoder)?;
-        let (vb, rec) = weights::seeded(2, dtype, &device);
-        let unet = UNet2DConditionModel::new(vb, &md.unet)?;
-        drop(rec);
-        let (vb, _) = weights::seeded(3, dtype, &device);
-        let vae = AutoencoderKL::new(vb, &md.vae)?;
-        let sd = StableDiffusion {
-            tokenizer: TinyModel::tokenizer()?,
-            text_encoder,
-            unet,
-            vae,
-            scheduler_config: md.scheduler.clone(),
-            device: device.clone(),
-            dtype,
-        };
-        (sd, 512)
+        (seeded_pipeline(&(&md).into(), 1, &device, dtype)?.0, 512)
     };
     let resolution: u32 = get("--resolution")
         .map(|s| s.parse())

@@ -24,19 +24,15 @@ use std::time::Instant;
 
 use candle_core::{DType, Device};
 use image::{Rgb, RgbImage};
-use sidbooth_engine::clip::ClipTextModel;
 use sidbooth_engine::config::ModelDir;
-use sidbooth_engine::pipeline::{GenerateRequest, StableDiffusion};
-use sidbooth_engine::tiny::TinyModel;
+use sidbooth_engine::pipeline::GenerateRequest;
+use sidbooth_engine::tiny::seeded_pipeline;
 use sidbooth_engine::train::data::{CaptionedPhoto, LatentSet, PhotoSource};
 use sidbooth_engine::train::method::dreambooth::{DreamboothConfig, DreamboothMethod};
 use sidbooth_engine::train::method::{LoraConfig, LoraMethod, ModelsMut, TrainingMethod};
 use sidbooth_engine::train::schedule::LrSchedule;
 use sidbooth_engine::train::trainer::{LoopConfig, TrainInputs, Trainer};
 use sidbooth_engine::train::TrainModels;
-use sidbooth_engine::unet::UNet2DConditionModel;
-use sidbooth_engine::vae::AutoencoderKL;
-use sidbooth_engine::weights;
 
 type BoxErr = Box<dyn std::error::Error>;
 
@@ -223,15 +219,7 @@ fn main() -> Result<(), BoxErr> {
 
     let md = ModelDir::open(&config)?;
     let t0 = Instant::now();
-    // Named, so that full fine-tuning (dreambooth) finds the weights to train.
-    let (vb, rec) = weights::seeded(1, dtype, &device);
-    let mut text_encoder = ClipTextModel::new(vb, &md.text_encoder)?;
-    text_encoder.set_named_weights(rec.take());
-    let (vb, rec) = weights::seeded(2, dtype, &device);
-    let mut unet = UNet2DConditionModel::new(vb, &md.unet)?;
-    unet.set_named_weights(rec.take());
-    let (vb, _) = weights::seeded(3, dtype, &device);
-    let vae = AutoencoderKL::new(vb, &md.vae)?;
+    let (sd, _) = seeded_pipeline(&(&md).into(), 1, &device, dtype)?;
     device.synchronize()?;
     let mem_models = mem::used(&device);
     println!(
@@ -239,15 +227,6 @@ fn main() -> Result<(), BoxErr> {
         t0.elapsed().as_secs_f64(),
         gib(mem_models)
     );
-    let sd = StableDiffusion {
-        tokenizer: TinyModel::tokenizer()?,
-        text_encoder,
-        unet,
-        vae,
-        scheduler_config: md.scheduler.clone(),
-        device: device.clone(),
-        dtype,
-    };
 
     let mut results: Vec<(String, String)> = vec![
         ("device".into(), format!("{device:?}")),

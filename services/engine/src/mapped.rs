@@ -54,16 +54,12 @@ struct Mapping {
 // reallocation of it is a fresh `System` allocation with the old bytes copied in.
 unsafe impl GlobalAlloc for MappedAware {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        if !INSTALLED.load(Ordering::Relaxed) {
-            INSTALLED.store(true, Ordering::Relaxed);
-        }
+        mark_installed();
         System.alloc(layout)
     }
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
-        if !INSTALLED.load(Ordering::Relaxed) {
-            INSTALLED.store(true, Ordering::Relaxed);
-        }
+        mark_installed();
         System.alloc_zeroed(layout)
     }
 
@@ -74,7 +70,7 @@ unsafe impl GlobalAlloc for MappedAware {
     }
 
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        if !in_bounds(ptr as usize) || !is_mapped(ptr as usize) {
+        if !is_mapped(ptr as usize) {
             return System.realloc(ptr, layout, new_size);
         }
         let new = System.alloc(Layout::from_size_align_unchecked(new_size, layout.align()));
@@ -83,6 +79,13 @@ unsafe impl GlobalAlloc for MappedAware {
             release(ptr as usize);
         }
         new
+    }
+}
+
+/// A load before the store: the flag's cache line stays shared once it is set.
+fn mark_installed() {
+    if !INSTALLED.load(Ordering::Relaxed) {
+        INSTALLED.store(true, Ordering::Relaxed);
     }
 }
 
@@ -106,7 +109,7 @@ fn slot_of(table: &Table, addr: usize) -> Option<usize> {
 }
 
 fn is_mapped(addr: usize) -> bool {
-    slot_of(&mappings(), addr).is_some()
+    in_bounds(addr) && slot_of(&mappings(), addr).is_some()
 }
 
 /// Recomputes [`LOW`] and [`HIGH`] from the table.

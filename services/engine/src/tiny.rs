@@ -9,7 +9,7 @@ use std::path::Path;
 use candle_core::{DType, Device};
 
 use crate::clip::ClipTextModel;
-use crate::config::{ClipTextConfig, SchedulerConfig, UNetConfig, VaeConfig};
+use crate::config::{ClipTextConfig, ModelDir, SchedulerConfig, UNetConfig, VaeConfig};
 use crate::error::{Error, Result};
 use crate::pipeline::StableDiffusion;
 use crate::tokenizer::ClipTokenizer;
@@ -98,30 +98,21 @@ impl TinyModel {
     }
 
     pub fn build_on(seed: u64, device: &Device, dtype: DType) -> Result<Self> {
-        let (vb, rec) = weights::seeded(seed, dtype, device);
-        let mut text_encoder = ClipTextModel::new(vb, &Self::text_config())?;
-        let text_encoder_weights = rec.take();
-        text_encoder.set_named_weights(text_encoder_weights.clone());
-        let (vb, rec) = weights::seeded(seed.wrapping_add(1), dtype, device);
-        let mut unet = UNet2DConditionModel::new(vb, &Self::unet_config())?;
-        let unet_weights = rec.take();
-        unet.set_named_weights(unet_weights.clone());
-        let (vb, rec) = weights::seeded(seed.wrapping_add(2), dtype, device);
-        let vae = AutoencoderKL::new(vb, &Self::vae_config())?;
-        let vae_weights = rec.take();
-        let sd = StableDiffusion {
-            tokenizer: Self::tokenizer()?,
-            text_encoder,
-            unet,
-            vae,
-            scheduler_config: Self::scheduler_config(),
-            device: device.clone(),
+        let (sd, vae_weights) = seeded_pipeline(
+            &SeededShapes {
+                unet: &Self::unet_config(),
+                text_encoder: &Self::text_config(),
+                vae: &Self::vae_config(),
+                scheduler: &Self::scheduler_config(),
+            },
+            seed,
+            device,
             dtype,
-        };
+        )?;
         Ok(Self {
+            unet_weights: sd.unet.named_weights().clone(),
+            text_encoder_weights: sd.text_encoder.named_weights().clone(),
             sd,
-            unet_weights,
-            text_encoder_weights,
             vae_weights,
         })
     }
@@ -184,4 +175,53 @@ impl TinyModel {
         )?;
         Ok(())
     }
+}
+
+/// The configurations a [`seeded_pipeline`] is built to.
+pub struct SeededShapes<'a> {
+    pub unet: &'a UNetConfig,
+    pub text_encoder: &'a ClipTextConfig,
+    pub vae: &'a VaeConfig,
+    pub scheduler: &'a SchedulerConfig,
+}
+
+impl<'a> From<&'a ModelDir> for SeededShapes<'a> {
+    fn from(md: &'a ModelDir) -> Self {
+        Self {
+            unet: &md.unet,
+            text_encoder: &md.text_encoder,
+            vae: &md.vae,
+            scheduler: &md.scheduler,
+        }
+    }
+}
+
+/// A pipeline of `shapes` with weights drawn from `seed` (text encoder), `seed + 1` (UNet) and
+/// `seed + 2` (VAE) and the tiny tokenizer: the tiny model, or a real model's size without its
+/// files (the benchmarks). The UNet's and text encoder's weights are named as loaded ones are,
+/// so every method trains on it; the VAE's are returned.
+pub fn seeded_pipeline(
+    shapes: &SeededShapes<'_>,
+    seed: u64,
+    device: &Device,
+    dtype: DType,
+) -> Result<(StableDiffusion, NamedWeights)> {
+    let (vb, rec) = weights::seeded(seed, dtype, device);
+    let mut text_encoder = ClipTextModel::new(vb, shapes.text_encoder)?;
+    text_encoder.set_named_weights(rec.take());
+    let (vb, rec) = weights::seeded(seed.wrapping_add(1), dtype, device);
+    let mut unet = UNet2DConditionModel::new(vb, shapes.unet)?;
+    unet.set_named_weights(rec.take());
+    let (vb, rec) = weights::seeded(seed.wrapping_add(2), dtype, device);
+    let vae = AutoencoderKL::new(vb, shapes.vae)?;
+    let sd = StableDiffusion {
+        tokenizer: TinyModel::tokenizer()?,
+        text_encoder,
+        unet,
+        vae,
+        scheduler_config: shapes.scheduler.clone(),
+        device: device.clone(),
+        dtype,
+    };
+    Ok((sd, rec.take()))
 }

@@ -644,9 +644,7 @@ impl UNet2DConditionModel {
         }
     }
 
-    /// Names the tensors the model was built from (the [`crate::weights::Record`] of its
-    /// builder): what full fine-tuning and `replace_weights` work on.
-    pub fn set_named_weights(&mut self, w: NamedWeights) {
+    pub(crate) fn set_named_weights(&mut self, w: NamedWeights) {
         self.weights = w;
     }
 
