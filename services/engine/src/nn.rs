@@ -97,34 +97,33 @@ impl Linear {
     }
 }
 
-fn matmul_last(x: &Tensor, w_t: &Tensor) -> Result<Tensor> {
-    // x: [..., in], w_t: [in, out]
-    let dims = x.dims().to_vec();
-    let in_f = dims[dims.len() - 1];
-    let lead: usize = dims[..dims.len() - 1].iter().product();
-    let out_f = w_t.dims()[1];
-    let y = x.reshape((lead, in_f))?.matmul(w_t)?;
-    let mut out_dims = dims[..dims.len() - 1].to_vec();
-    out_dims.push(out_f);
-    y.reshape(out_dims)
+impl Linear {
+    fn adapter(&self) -> Option<crate::kernels::linear::Adapter<'_>> {
+        self.lora.as_ref().map(|l| crate::kernels::linear::Adapter {
+            down: &l.down,
+            up: &l.up,
+            scale: l.scale,
+        })
+    }
+
+    /// `self(x) + residual` in one op (see `kernels::linear`): training keeps neither the
+    /// layer's output nor the sum's inputs beyond what their gradients need.
+    pub fn forward_residual(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let (w, b) = (&self.weight, self.bias.as_ref());
+        crate::kernels::linear::linear(x, w, b, self.adapter(), residual)
+    }
+
+    /// `self(geglu(p)) + residual`, where `geglu` splits `p` in halves `[a, g]` and gives
+    /// `a · gelu(g)` (diffusers' GEGLU feed-forward), in one op.
+    pub fn forward_geglu(&self, p: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let (w, b) = (&self.weight, self.bias.as_ref());
+        crate::kernels::geglu::geglu_linear(p, w, b, self.adapter(), residual)
+    }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // A frozen weight gets no kernel gradient: the backward computes the input's only.
-        let mut y = crate::kernels::layers::frozen_linear(x, &self.weight)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        if let Some(l) = &self.lora {
-            let dt = x.dtype();
-            let down = l.down.to_dtype(dt)?;
-            let up = l.up.to_dtype(dt)?;
-            let h = matmul_last(x, &down.t()?)?;
-            let h = matmul_last(&h, &up.t()?)?;
-            y = (y + h.affine(l.scale, 0.0)?)?;
-        }
-        Ok(y)
+        self.forward_residual(x, None)
     }
 }
 
@@ -161,31 +160,26 @@ impl Conv2d {
 }
 
 impl Conv2d {
-    /// Inference path on the CPU (see `kernels::conv`). Not differentiable.
-    fn forward_im2col(&self, x: &Tensor) -> Result<Tensor> {
-        let y = crate::kernels::conv::conv2d(x, &self.weight, self.padding, self.stride)?;
-        match &self.bias {
-            Some(bi) => y.broadcast_add(&bi.reshape((1, bi.dims1()?, 1, 1))?),
-            None => Ok(y),
-        }
+    /// The convolution plus `shift` (`[B, out, 1, 1]`, broadcast over positions) and
+    /// `residual`, added in the same op (see `kernels::layers::conv2d`).
+    pub fn forward_with(
+        &self,
+        x: &Tensor,
+        shift: Option<&Tensor>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
+        let addends = crate::kernels::layers::Addends {
+            bias: self.bias.as_ref(),
+            shift,
+            residual,
+        };
+        crate::kernels::layers::conv2d(x, &self.weight, self.padding, self.stride, addends)
     }
 }
 
 impl Module for Conv2d {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let no_grad = !(x.track_op()
-            || self.weight.track_op()
-            || self.bias.as_ref().is_some_and(|b| b.track_op()));
-        if no_grad && crate::kernels::conv::applies(x, &self.weight) {
-            return self.forward_im2col(x);
-        }
-        // candle's conv backward always computes the kernel gradient (through a slow CPU
-        // conv_transpose); for a frozen kernel only the input gradient is needed.
-        let y = crate::kernels::layers::conv2d(x, &self.weight, self.padding, self.stride)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, b.dims1()?, 1, 1))?),
-            None => Ok(y),
-        }
+        self.forward_with(x, None, None)
     }
 }
 

@@ -82,17 +82,22 @@ impl ResnetBlock2D {
     }
 
     pub fn forward(&self, x: &Tensor, temb: Option<&Tensor>) -> Result<Tensor> {
-        let mut h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
-        if let (Some(p), Some(t)) = (&self.time_emb_proj, temb) {
-            let t = p.forward(&silu(t)?)?.unsqueeze(2)?.unsqueeze(3)?;
-            h = h.broadcast_add(&t)?;
-        }
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
+        // The time embedding and the skip connection are added in the convolutions' ops, so
+        // that training keeps neither convolution's output before the sums.
+        let shift = match (&self.time_emb_proj, temb) {
+            (Some(p), Some(t)) => Some(p.forward(&silu(t)?)?.unsqueeze(2)?.unsqueeze(3)?),
+            _ => None,
+        };
+        let h = self
+            .conv1
+            .forward_with(&self.norm1.forward_silu(x)?, shift.as_ref(), None)?;
         let skip = match &self.conv_shortcut {
             Some(c) => c.forward(x)?,
             None => x.clone(),
         };
-        let out = (skip + h)?;
+        let out = self
+            .conv2
+            .forward_with(&self.norm2.forward_silu(&h)?, None, Some(&skip))?;
         if self.output_scale_factor != 1.0 {
             out.affine(1.0 / self.output_scale_factor, 0.0)
         } else {
@@ -156,15 +161,20 @@ impl Attention {
         context: Option<&Tensor>,
         probs_out: Option<ProbsSink<'_>>,
     ) -> Result<Tensor> {
+        self.forward_residual(x, context, probs_out, None)
+    }
+
+    /// [`forward`](Self::forward) plus `residual`, added in the output projection's op.
+    pub fn forward_residual(
+        &self,
+        x: &Tensor,
+        context: Option<&Tensor>,
+        probs_out: Option<ProbsSink<'_>>,
+        residual: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let ctx = context.unwrap_or(x);
         let (b, n, _) = x.dims3()?;
         let m = ctx.dim(1)?;
-        // [b, len, heads * head_dim] -> [b, heads, len, head_dim]
-        let heads = |t: Tensor, len: usize| -> Result<Tensor> {
-            t.reshape((b, len, self.heads, self.head_dim))?
-                .transpose(1, 2)?
-                .contiguous()
-        };
         let (k, v) = (self.to_k.forward(ctx)?, self.to_v.forward(ctx)?);
         let (k, v) = if self.detach_bos && context.is_some() && m > 1 {
             let bos_detached = |t: Tensor| -> Result<Tensor> {
@@ -174,32 +184,44 @@ impl Attention {
         } else {
             (k, v)
         };
-        let q = heads(self.to_q.forward(x)?, n)?;
-        let k = heads(k, m)?;
-        let v = heads(v, m)?;
+        let q = self.to_q.forward(x)?;
         let scale = (self.head_dim as f64).powf(-0.5);
-        let dt = q.dtype();
-        let (q, k) = if self.upcast {
-            (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
-        } else {
-            (q, k)
-        };
         let o = match probs_out {
-            // Without a recorder the probabilities are never held whole (see `kernels`).
-            None => crate::kernels::attention::attention(&q, &k, &v, scale)?,
+            // Without a recorder the probabilities are never held whole, nor the per-head
+            // copies of q, k, v and the output (see `kernels::attention`).
+            None => crate::kernels::attention::attention_tokens(
+                &q,
+                &k,
+                &v,
+                self.heads,
+                scale,
+                self.upcast,
+            )?,
             Some(f) => {
+                // [b, len, heads * head_dim] -> [b, heads, len, head_dim]
+                let heads = |t: Tensor, len: usize| -> Result<Tensor> {
+                    t.reshape((b, len, self.heads, self.head_dim))?
+                        .transpose(1, 2)?
+                        .contiguous()
+                };
+                let (q, k, v) = (heads(q, n)?, heads(k, m)?, heads(v, m)?);
+                let dt = q.dtype();
+                let (q, k) = if self.upcast {
+                    (q.to_dtype(DType::F32)?, k.to_dtype(DType::F32)?)
+                } else {
+                    (q, k)
+                };
                 let w = (q.matmul(&k.t()?)? * scale)?;
                 // softmax in f32 for half-precision inputs (as torch's fused attention
                 // accumulates)
                 let p = softmax_last(&w.to_dtype(DType::F32)?)?.to_dtype(dt)?;
                 f(&p)?;
                 p.matmul(&v)?
+                    .transpose(1, 2)?
+                    .reshape((b, n, self.heads * self.head_dim))?
             }
         };
-        let o = o
-            .transpose(1, 2)?
-            .reshape((b, n, self.heads * self.head_dim))?;
-        self.to_out.forward(&o)
+        self.to_out.forward_residual(&o, residual)
     }
 
     fn visit<'a>(&'a mut self, out: &mut Vec<&'a mut Linear>) {
@@ -257,25 +279,21 @@ impl BasicTransformerBlock {
         hw: (usize, usize),
         rec: Option<&mut AttentionRecorder>,
     ) -> Result<Tensor> {
-        let x = (self.attn1.forward(&self.norm1.forward(x)?, None, None)? + x)?;
-        let h = match rec {
+        // Each residual sum is made in the op of the layer before it (see `kernels::linear`).
+        let x = self
+            .attn1
+            .forward_residual(&self.norm1.forward(x)?, None, None, Some(x))?;
+        let h = self.norm2.forward(&x)?;
+        let x = match rec {
             Some(r) => {
                 let mut f = |p: &Tensor| r.record(p, hw.0, hw.1);
                 self.attn2
-                    .forward(&self.norm2.forward(&x)?, Some(ctx), Some(&mut f))?
+                    .forward_residual(&h, Some(ctx), Some(&mut f), Some(&x))?
             }
-            None => self
-                .attn2
-                .forward(&self.norm2.forward(&x)?, Some(ctx), None)?,
+            None => self.attn2.forward_residual(&h, Some(ctx), None, Some(&x))?,
         };
-        let x = (h + x)?;
-        // GEGLU
         let p = self.ff_proj.forward(&self.norm3.forward(&x)?)?;
-        let half = p.dim(D::Minus1)? / 2;
-        let a = p.narrow(D::Minus1, 0, half)?;
-        let g = p.narrow(D::Minus1, half, half)?;
-        let h = self.ff_out.forward(&(a * g.gelu_erf()?)?)?;
-        h + x
+        self.ff_out.forward_geglu(&p, Some(&x))
     }
 
     fn visit<'a>(&'a mut self, out: &mut Vec<&'a mut Linear>) {

@@ -30,15 +30,63 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(o);
     }
-    q.apply_op3(
-        k,
-        v,
-        Attention {
-            y: Output::new(o),
-            lse,
-            scale,
-        },
-    )
+    let op = Attention {
+        y: Output::new(o),
+        lse,
+        scale,
+        tokens: None,
+    };
+    q.apply_op3(k, v, op)
+}
+
+/// The same attention for `q` `[B, N, H·D]`, `k` and `v` `[B, M, H·D]` as the projections give
+/// them, `heads` heads, the output `[B, N, H·D]` as the output projection takes it. The copies
+/// into and out of the per-head layout are made inside the op (again in its backward), so the
+/// graph keeps only the projections' outputs and this output, not four more copies of the
+/// same size. `upcast`: scores in f32 for half-precision `q` and `k`.
+pub fn attention_tokens(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    scale: f64,
+    upcast: bool,
+) -> Result<Tensor> {
+    let (qh, kh) = (
+        to_heads(&q.detach(), heads, upcast)?,
+        to_heads(&k.detach(), heads, upcast)?,
+    );
+    let vh = to_heads(&v.detach(), heads, false)?;
+    let (o, lse) = forward_chunked(&qh, &kh, &vh, scale)?;
+    drop((qh, kh, vh));
+    let o = from_heads(&o)?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(o);
+    }
+    let op = Attention {
+        y: Output::new(o),
+        lse,
+        scale,
+        tokens: Some(TokenLayout { heads, upcast }),
+    };
+    q.apply_op3(k, v, op)
+}
+
+/// `[B, N, H·D]` as a contiguous `[B, H, N, D]`, in f32 when `upcast`.
+fn to_heads(t: &Tensor, heads: usize, upcast: bool) -> Result<Tensor> {
+    let (b, n, hd) = t.dims3()?;
+    let t = t.reshape((b, n, heads, hd / heads))?.transpose(1, 2)?;
+    if upcast {
+        t.to_dtype(DType::F32)?.contiguous()
+    } else {
+        t.contiguous()
+    }
+}
+
+/// `[B, H, N, D]` as a contiguous `[B, N, H·D]`.
+fn from_heads(t: &Tensor) -> Result<Tensor> {
+    let (b, h, n, d) = t.dims4()?;
+    t.transpose(1, 2)?.contiguous()?.reshape((b, n, h * d))
 }
 
 /// The output `[B, H, N, D]` and the log-sum-exp of each query row `[B, H, N, 1]` (f32).
@@ -79,6 +127,14 @@ struct Attention {
     y: Output,
     lse: Tensor,
     scale: f64,
+    /// Set when the arguments and the output are in the projections' layout.
+    tokens: Option<TokenLayout>,
+}
+
+#[derive(Clone, Copy)]
+struct TokenLayout {
+    heads: usize,
+    upcast: bool,
 }
 
 impl CustomOp3 for Attention {
@@ -121,7 +177,36 @@ impl CustomOp3 for Attention {
         // Only the inputs in a graph get a gradient (the keys and values of a cross-attention
         // whose projections are frozen are not).
         let want = (q.track_op(), k.track_op(), v.track_op());
-        let (q, k, v) = (q.detach(), k.detach(), v.detach());
+        let Some(TokenLayout { heads, upcast }) = self.tokens else {
+            return self.backward_heads(&q.detach(), &k.detach(), &v.detach(), out, grad, want);
+        };
+        let (dq, dk, dv) = self.backward_heads(
+            &to_heads(&q.detach(), heads, upcast)?,
+            &to_heads(&k.detach(), heads, upcast)?,
+            &to_heads(&v.detach(), heads, false)?,
+            &to_heads(out, heads, false)?,
+            &to_heads(grad, heads, false)?,
+            want,
+        )?;
+        let back = |g: Option<Tensor>, like: &Tensor| -> Result<Option<Tensor>> {
+            g.map(|g| from_heads(&g)?.to_dtype(like.dtype()))
+                .transpose()
+        };
+        Ok((back(dq, q)?, back(dk, k)?, back(dv, v)?))
+    }
+}
+
+impl Attention {
+    /// The gradients in the per-head layout (`want`: which of q, k, v need one).
+    fn backward_heads(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+        want: (bool, bool, bool),
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let (b, h, n, _) = q.dims4()?;
         let m = k.dim(2)?;
         let rows = chunk_rows(b, h, n, m);
@@ -145,12 +230,14 @@ impl CustomOp3 for Attention {
             let go = grad.narrow(2, start, len)?;
             let s = (qc.matmul(&kt)? * self.scale)?.to_dtype(DType::F32)?;
             let p = s.broadcast_sub(&self.lse.narrow(2, start, len)?)?.exp()?;
-            dv = add(
-                dv,
-                p.to_dtype(v.dtype())?
-                    .t()?
-                    .matmul(&go.to_dtype(v.dtype())?)?,
-            )?;
+            if want.2 {
+                dv = add(
+                    dv,
+                    p.to_dtype(v.dtype())?
+                        .t()?
+                        .matmul(&go.to_dtype(v.dtype())?)?,
+                )?;
+            }
             let dp = f32(&go.to_dtype(v.dtype())?.matmul(&vt)?)?;
             let ds = (p * dp.broadcast_sub(&delta.narrow(2, start, len)?)?)?
                 .affine(self.scale, 0.0)?
@@ -211,6 +298,59 @@ mod tests {
         // 2 * 4 * 4096 scores per query row: chunks of 512 rows, the last one short.
         assert_eq!(chunk_rows(2, 4, 1100, 4096), 512);
         check((2, 4, 1100, 4), 4096)
+    }
+
+    /// The token-layout op against the per-head one on the same values.
+    fn check_tokens(b: usize, heads: usize, n: usize, m: usize, d: usize) -> Result<()> {
+        let dev = Device::Cpu;
+        let tok = |len: usize| -> Result<Var> {
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, len, heads * d), &dev)?)
+        };
+        let (q, k, v) = (tok(n)?, tok(m)?, tok(m)?);
+        let w = Tensor::randn(0f32, 1.0, (b, n, heads * d), &dev)?;
+        let scale = (d as f64).powf(-0.5);
+        let ours = attention_tokens(&q, &k, &v, heads, scale, false)?;
+        let split = |t: &Tensor| -> Result<Tensor> {
+            let len = t.dim(1)?;
+            t.reshape((b, len, heads, d))?.transpose(1, 2)?.contiguous()
+        };
+        let plain = reference(&split(&q)?, &split(&k)?, &split(&v)?, scale)?
+            .transpose(1, 2)?
+            .reshape((b, n, heads * d))?;
+        assert!(rel(&ours, &plain) < 1e-5, "values {}", rel(&ours, &plain));
+        let g_ours = (ours * &w)?.sum_all()?.backward()?;
+        let g_plain = (plain * &w)?.sum_all()?.backward()?;
+        for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
+            let (a, r) = (g_ours.get(var).unwrap(), g_plain.get(var).unwrap());
+            assert_eq!(a.dims(), var.dims());
+            assert!(rel(a, r) < 1e-5, "{name} grad {}", rel(a, r));
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn token_layout_matches_the_per_head_op() -> Result<()> {
+        check_tokens(2, 3, 40, 40, 8)?; // self-attention
+        check_tokens(1, 2, 33, 7, 16)?; // cross-attention
+        check_tokens(1, 4, 1100, 4096, 2) // chunked
+    }
+
+    /// Frozen keys and values (a cross-attention whose projections do not train) get no
+    /// gradient, and half-precision inputs with `upcast` give the f32 result to f16 rounding.
+    #[test]
+    fn token_layout_upcasts_and_skips_frozen_inputs() -> Result<()> {
+        let dev = Device::Cpu;
+        let q = Var::randn(0f32, 1.0, (1, 9, 8), &dev)?;
+        let kv = Tensor::randn(0f32, 1.0, (1, 5, 8), &dev)?;
+        let o = attention_tokens(&q, &kv, &kv, 2, 0.5, false)?;
+        let g = o.sum_all()?.backward()?;
+        assert!(g.get(&q).is_some());
+        assert!(g.get(&kv).is_none());
+        let half = |t: &Tensor| t.to_dtype(DType::F16);
+        let o16 = attention_tokens(&half(&q)?, &half(&kv)?, &half(&kv)?, 2, 0.5, true)?;
+        assert_eq!(o16.dtype(), DType::F16);
+        assert!(rel(&o16.to_dtype(DType::F32)?, &o) < 2e-3);
+        Ok(())
     }
 
     #[test]

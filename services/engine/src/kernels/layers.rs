@@ -2,17 +2,18 @@
 //!
 //! candle 0.11's backward of `conv2d` always computes the kernel gradient and computes the input
 //! gradient with `conv_transpose2d`, whose CPU kernel is a direct loop (10-20x slower than the
-//! forward convolution on the tiny model's shapes); `matmul`'s backward always computes both
-//! operand gradients. With frozen base weights (LoRA, Textual Inversion) those are wasted.
-//! [`conv2d`] and [`frozen_linear`] compute the forward as usual (a convolution on the CPU as
-//! im2col and one matrix product) and attach a custom backward: the input gradient only, the
-//! convolution's as a convolution with the flipped kernel; a trained kernel's gradient, on the
-//! CPU, as one matrix product with the input's columns.
+//! forward convolution on the tiny model's shapes). With a frozen kernel (LoRA, Textual
+//! Inversion) the kernel gradient is wasted. [`conv2d`] computes the forward as usual (on the
+//! CPU as im2col and one matrix product) and attaches a custom backward: the input gradient
+//! only, as a convolution with the flipped kernel; a trained kernel's gradient, on the CPU, as
+//! one matrix product with the input's columns. (Linear layers: `kernels::linear`.)
 
-use candle_core::{CpuStorage, CudaStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
+};
 
 use super::conv as cpu_conv;
-use super::{cpu_f32, f32_slice, matmul_f32, storage_of_cpu, storage_of_cuda, with_f32, Output};
+use super::{cpu_f32, f32_slice, storage_of_cpu, storage_of_cuda, Output};
 
 /// `x.conv2d(w, padding, stride, 1, 1)` of detached tensors, through im2col on the CPU.
 fn conv2d_detached(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
@@ -23,11 +24,23 @@ fn conv2d_detached(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Res
 }
 
 struct FrozenConv2d {
-    /// The output computed before (GPU), or none: the CPU forward computes it.
+    /// The output, computed before the op was recorded.
     y: Output,
     /// `[out, in, k, k]`.
     w: Tensor,
     shape: ConvShape,
+    /// Whether a shift `[B, out, 1, 1]` follows the input among the arguments (then the
+    /// residual, if any, follows it).
+    has_shift: bool,
+}
+
+impl FrozenConv2d {
+    fn input_grad(&self, x: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        if !x.track_op() {
+            return Ok(None);
+        }
+        Ok(Some(conv2d_input_grad(grad, &self.w, self.shape)?))
+    }
 }
 
 /// A convolution computed in a CPU forward, from the input's storage (no copy of the input,
@@ -46,24 +59,101 @@ fn cpu_conv_fwd(
     Ok((CpuStorage::F32(y), Shape::from((b, o, ho, wo))))
 }
 
+/// The gradient of a `[B, C, 1, 1]` shift added to every position of `grad`.
+fn shift_grad(grad: &Tensor) -> Result<Tensor> {
+    grad.sum_keepdim(3)?.sum_keepdim(2)
+}
+
 impl CustomOp1 for FrozenConv2d {
     fn name(&self) -> &'static str {
         "frozen-conv2d"
     }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        if let Some(y) = self.y.try_take() {
-            return storage_of_cpu(&y);
-        }
-        let xs = f32_slice(s, l)?;
-        with_f32(&self.w, |ws| {
-            cpu_conv_fwd(xs, l, ws, self.w.dims(), self.shape)
-        })
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        storage_of_cpu(&self.y.take()?)
     }
-    fn cuda_fwd(&self, _s: &CudaStorage, _l: &Layout) -> Result<(CudaStorage, Shape)> {
+    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
         storage_of_cuda(&self.y.take()?)
     }
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        Ok(Some(conv2d_input_grad(grad, &self.w, self.shape)?))
+    fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        self.input_grad(x, grad)
+    }
+}
+
+impl CustomOp2 for FrozenConv2d {
+    fn name(&self) -> &'static str {
+        "frozen-conv2d"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        storage_of_cpu(&self.y.take()?)
+    }
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        storage_of_cuda(&self.y.take()?)
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        second: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let second = match (self.has_shift, second.track_op()) {
+            (_, false) => None,
+            (true, true) => Some(shift_grad(grad)?),
+            (false, true) => Some(grad.clone()),
+        };
+        Ok((self.input_grad(x, grad)?, second))
+    }
+}
+
+impl CustomOp3 for FrozenConv2d {
+    fn name(&self) -> &'static str {
+        "frozen-conv2d"
+    }
+    fn cpu_fwd(
+        &self,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+        _: &CpuStorage,
+        _: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        storage_of_cpu(&self.y.take()?)
+    }
+    fn cuda_fwd(
+        &self,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+        _: &CudaStorage,
+        _: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        storage_of_cuda(&self.y.take()?)
+    }
+    fn bwd(
+        &self,
+        x: &Tensor,
+        shift: &Tensor,
+        residual: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let shift = shift.track_op().then(|| shift_grad(grad)).transpose()?;
+        let residual = residual.track_op().then(|| grad.clone());
+        Ok((self.input_grad(x, grad)?, shift, residual))
     }
 }
 
@@ -170,12 +260,45 @@ impl candle_core::CustomOp2 for TrainedConv2d {
     }
 }
 
-/// `x.conv2d(w, padding, stride, 1, 1)` with a backward pass that computes only what is needed,
-/// fast on the CPU: for a square kernel `w` that is not trained, the input gradient only; for
-/// one that trains (a variable, or a tensor computed from one: SVDiff's weights), on the CPU in
-/// f32, both gradients through im2col. Other cases (a padding above `(kernel - 1) / 2`, a
-/// trained kernel on a GPU) use candle's op.
-pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
+/// What is added to a convolution's output in the same op: a bias `[out]`, a shift
+/// `[B, out, 1, 1]` (a resnet's time embedding) and a residual shaped like the output.
+#[derive(Clone, Copy, Default)]
+pub struct Addends<'a> {
+    pub bias: Option<&'a Tensor>,
+    pub shift: Option<&'a Tensor>,
+    pub residual: Option<&'a Tensor>,
+}
+
+impl Addends<'_> {
+    /// `y` plus the addends, composed of candle ops.
+    fn add_to(&self, mut y: Tensor) -> Result<Tensor> {
+        if let Some(b) = self.bias {
+            y = y.broadcast_add(&b.reshape((1, b.dims1()?, 1, 1))?)?;
+        }
+        if let Some(t) = self.shift {
+            y = y.broadcast_add(t)?;
+        }
+        match self.residual {
+            Some(r) => y + r,
+            None => Ok(y),
+        }
+    }
+}
+
+/// `x.conv2d(w, padding, stride, 1, 1)` plus the addends, with a backward pass that computes
+/// only what is needed, fast on the CPU: for a square kernel `w` that is not trained, one op
+/// whose backward gives the input gradient only (and the shift's and residual's), and whose
+/// graph keeps the input and the addends in a graph but not the output before the additions;
+/// for a kernel that trains (a variable, or a tensor computed from one: SVDiff's weights), on
+/// the CPU in f32, both gradients through im2col. Other cases (a padding above
+/// `(kernel - 1) / 2`, a trained kernel on a GPU) use candle's op.
+pub fn conv2d(
+    x: &Tensor,
+    w: &Tensor,
+    padding: usize,
+    stride: usize,
+    addends: Addends<'_>,
+) -> Result<Tensor> {
     let (_, _, kh, kw) = w.dims4()?;
     let (_, _, h, wd) = x.dims4()?;
     let shape = ConvShape {
@@ -184,110 +307,54 @@ pub fn conv2d(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<T
         stride,
         in_hw: (h, wd),
     };
-    let cpu_f32 = cpu_f32(&[x, w]);
-    if kh != kw || 2 * padding > kh - 1 || !(x.track_op() || w.track_op()) {
-        return x.conv2d(w, padding, stride, 1, 1);
+    let frozen_addends = addends.bias.is_none_or(|b| !b.track_op());
+    let in_graph = |t: Option<&Tensor>| t.is_some_and(|t| t.track_op());
+    let any_graph = x.track_op()
+        || w.track_op()
+        || addends.bias.is_some_and(|b| b.track_op())
+        || in_graph(addends.shift)
+        || in_graph(addends.residual);
+    if !any_graph {
+        return addends.add_to(conv2d_detached(x, w, padding, stride)?);
+    }
+    if kh != kw || 2 * padding > kh - 1 || !frozen_addends {
+        return addends.add_to(x.conv2d(w, padding, stride, 1, 1)?);
     }
     if w.track_op() {
-        if !cpu_f32 {
-            return x.conv2d(w, padding, stride, 1, 1);
+        if !cpu_f32(&[x, w]) {
+            return addends.add_to(x.conv2d(w, padding, stride, 1, 1)?);
         }
-        return x.contiguous()?.apply_op2(
+        let y = x.contiguous()?.apply_op2(
             &w.contiguous()?,
             TrainedConv2d {
                 shape,
                 input_grad: x.track_op(),
             },
-        );
+        )?;
+        return addends.add_to(y);
     }
-    let y = if cpu_f32 {
-        Output::none()
-    } else {
-        Output::new(conv2d_detached(&x.detach(), &w.detach(), padding, stride)?.contiguous()?)
-    };
-    x.contiguous()?.apply_op1(FrozenConv2d {
-        y,
+    let detached = Addends {
+        bias: addends.bias,
+        shift: addends.shift.map(Tensor::detach).as_ref(),
+        residual: addends.residual.map(Tensor::detach).as_ref(),
+    }
+    .add_to(conv2d_detached(&x.detach(), &w.detach(), padding, stride)?)?
+    .contiguous()?;
+    let shift = addends.shift.filter(|t| t.track_op());
+    let residual = addends.residual.filter(|t| t.track_op());
+    let op = FrozenConv2d {
+        y: Output::new(detached),
         w: w.detach(),
         shape,
-    })
-}
-
-struct FrozenLinear {
-    /// The output computed before (GPU), or none: the CPU forward computes it.
-    y: Output,
-    /// `[out, in]`.
-    w: Tensor,
-}
-
-impl CustomOp1 for FrozenLinear {
-    fn name(&self) -> &'static str {
-        "frozen-linear"
-    }
-    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
-        if let Some(y) = self.y.try_take() {
-            return storage_of_cpu(&y);
-        }
-        let xs = f32_slice(s, l)?;
-        let (out_f, in_f) = self.w.dims2()?;
-        let lead = xs.len() / in_f;
-        let mut y = vec![0f32; lead * out_f];
-        with_f32(&self.w, |ws| {
-            matmul_f32(
-                &mut y,
-                out_f,
-                false,
-                (xs, false),
-                (ws, true),
-                (lead, out_f, in_f),
-            );
-            Ok(())
-        })?;
-        let mut dims = l.dims().to_vec();
-        *dims
-            .last_mut()
-            .expect("a linear input has a last dimension") = out_f;
-        Ok((CpuStorage::F32(y), Shape::from(dims)))
-    }
-    fn cuda_fwd(&self, _s: &CudaStorage, _l: &Layout) -> Result<(CudaStorage, Shape)> {
-        storage_of_cuda(&self.y.take()?)
-    }
-    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
-        // grad [..., out] · W [out, in]
-        let dims = grad.dims().to_vec();
-        let out_f = dims[dims.len() - 1];
-        let lead: usize = dims[..dims.len() - 1].iter().product();
-        let gi = grad.reshape((lead, out_f))?.matmul(&self.w)?;
-        let mut shape = dims[..dims.len() - 1].to_vec();
-        shape.push(self.w.dims()[1]);
-        Ok(Some(gi.reshape(shape)?))
-    }
-}
-
-/// `x · wᵀ` (no bias) for a weight `w` `[out, in]` that is not trained; the backward computes the
-/// input gradient only. Falls back to the plain op for a `w` that needs a gradient (a variable
-/// or a tensor computed from one).
-pub fn frozen_linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    let dims = x.dims().to_vec();
-    let in_f = dims[dims.len() - 1];
-    let lead: usize = dims[..dims.len() - 1].iter().product();
-    let out_f = w.dims()[0];
-    let mut out_shape = dims[..dims.len() - 1].to_vec();
-    out_shape.push(out_f);
-    if w.track_op() || !x.track_op() {
-        return x.reshape((lead, in_f))?.matmul(&w.t()?)?.reshape(out_shape);
-    }
-    let y = if cpu_f32(&[x, w]) {
-        Output::none()
-    } else {
-        Output::new(
-            x.detach()
-                .reshape((lead, in_f))?
-                .matmul(&w.detach().t()?)?
-                .reshape(out_shape)?
-                .contiguous()?,
-        )
+        has_shift: shift.is_some(),
     };
-    x.contiguous()?.apply_op1(FrozenLinear { y, w: w.detach() })
+    let x = x.contiguous()?;
+    match (shift, residual) {
+        (None, None) => x.apply_op1(op),
+        (Some(t), None) => x.apply_op2(t, op),
+        (None, Some(r)) => x.apply_op2(r, op),
+        (Some(t), Some(r)) => x.apply_op3(t, r, op),
+    }
 }
 
 #[cfg(test)]
@@ -326,7 +393,7 @@ mod tests {
                 .get(x.as_tensor())
                 .unwrap()
                 .clone();
-            let y = conv2d(x.as_tensor(), &w, p, s)?;
+            let y = conv2d(x.as_tensor(), &w, p, s, Addends::default())?;
             let g = probe(&y)?.backward()?.get(x.as_tensor()).unwrap().clone();
             assert_eq!(y.dims(), y_ref.dims());
             assert!(max_diff(&y, &y_ref) < 1e-5, "fwd k{k} p{p} s{s} hw{hw}");
@@ -360,7 +427,7 @@ mod tests {
             let w = Var::randn(0f32, 1.0, (4, 3, k, k), &dev)?;
             let probe = |y: &Tensor| -> Result<Tensor> { (y * y.affine(0.5, 0.1)?)?.sum_all() };
             let g_ref = probe(&xt.conv2d(&w, p, s, 1, 1)?)?.backward()?;
-            let y = conv2d(&xt, &w, p, s)?;
+            let y = conv2d(&xt, &w, p, s, Addends::default())?;
             let g = probe(&y)?.backward()?;
             let case = format!("k{k} p{p} s{s} hw{hw}");
             assert!(
@@ -380,25 +447,48 @@ mod tests {
         Ok(())
     }
 
+    /// Bias, shift and residual added in the op: the same values and gradients as the sums
+    /// composed after candle's convolution, and the graph keeps no output-sized tensor besides
+    /// the input and the residual.
     #[test]
-    fn linear_matches_candle_forward_and_input_gradient() -> Result<()> {
+    fn addends_match_the_composed_sums() -> Result<()> {
         let dev = Device::Cpu;
-        let x = Var::randn(0f32, 1.0, (2, 5, 6), &dev)?;
-        let w = Tensor::randn(0f32, 1.0, (4, 6), &dev)?;
-        let y_ref = x.as_tensor().broadcast_matmul(&w.t()?)?;
-        let g_ref = y_ref
-            .sqr()?
-            .sum_all()?
-            .backward()?
-            .get(x.as_tensor())
-            .unwrap()
-            .clone();
-        let y = frozen_linear(x.as_tensor(), &w)?;
-        let store = y.sqr()?.sum_all()?.backward()?;
-        let g = store.get(x.as_tensor()).unwrap();
-        assert!(max_diff(&y, &y_ref) < 1e-5);
-        assert!(max_diff(g, &g_ref) < 1e-4);
-        assert!(store.get(&w).is_none());
+        for &(shift, residual) in &[(true, false), (false, true), (true, true), (false, false)] {
+            let x = Var::randn(0f32, 1.0, (2, 3, 6, 6), &dev)?;
+            let w = Tensor::randn(0f32, 1.0, (4, 3, 3, 3), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, 4, &dev)?;
+            let t = Var::randn(0f32, 1.0, (2, 4, 1, 1), &dev)?;
+            let r = Var::randn(0f32, 1.0, (2, 4, 6, 6), &dev)?;
+            let addends = Addends {
+                bias: Some(&b),
+                shift: shift.then_some(t.as_tensor()),
+                residual: residual.then_some(r.as_tensor()),
+            };
+            let probe = Tensor::randn(0f32, 1.0, (2, 4, 6, 6), &dev)?;
+            let ours = conv2d(x.as_tensor(), &w, 1, 1, addends)?;
+            let plain = addends.add_to(x.as_tensor().conv2d(&w, 1, 1, 1, 1)?)?;
+            assert!(max_diff(&ours, &plain) < 1e-5);
+            let kept = ours
+                .sorted_nodes()
+                .iter()
+                .filter(|n| n.id() != ours.id() && !n.is_variable())
+                .filter(|n| n.elem_count() == ours.elem_count())
+                .count();
+            assert_eq!(kept, 0, "shift {shift} residual {residual}");
+            let g = (&ours * &probe)?.sum_all()?.backward()?;
+            let g_ref = (&plain * &probe)?.sum_all()?.backward()?;
+            for (name, v, used) in [
+                ("x", &x, true),
+                ("shift", &t, shift),
+                ("residual", &r, residual),
+            ] {
+                match (g.get(v), g_ref.get(v)) {
+                    (Some(a), Some(p)) => assert!(max_diff(a, p) < 1e-4, "{name}"),
+                    (None, None) => assert!(!used, "{name}"),
+                    _ => panic!("{name}: gradient present in one graph only"),
+                }
+            }
+        }
         Ok(())
     }
 }

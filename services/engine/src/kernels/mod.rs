@@ -1,6 +1,7 @@
 //! Operations written as one custom op instead of a composition of candle ops, for speed or
 //! for memory: attention that never keeps its probability matrix, fused normalisations, the
-//! CPU convolution, and the convolution and linear layers built on it.
+//! CPU convolution, the convolution and linear layers with what is added to their outputs, and
+//! the feed-forward's GEGLU with its second linear.
 //!
 //! They share one trick: the forward result is computed before the op is recorded (with
 //! candle ops on detached tensors, or a CPU kernel), and the op's forward only hands that
@@ -8,7 +9,9 @@
 
 pub mod attention;
 pub mod conv;
+pub mod geglu;
 pub mod layers;
+pub mod linear;
 pub mod norm;
 
 use candle_core::backend::BackendStorage;
@@ -41,15 +44,6 @@ pub(crate) struct Output(std::sync::Mutex<Option<Tensor>>);
 impl Output {
     pub(crate) fn new(y: Tensor) -> Self {
         Self(std::sync::Mutex::new(Some(y)))
-    }
-
-    /// None: the op computes its output in its own forward (the CPU kernels).
-    pub(crate) fn none() -> Self {
-        Self(std::sync::Mutex::new(None))
-    }
-
-    pub(crate) fn try_take(&self) -> Option<Tensor> {
-        self.0.lock().ok()?.take()
     }
 
     pub(crate) fn take(&self) -> Result<Tensor> {
