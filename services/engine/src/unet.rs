@@ -719,10 +719,13 @@ impl UNet2DConditionModel {
         let b = sample.dim(0)?;
         let dt = sample.dtype();
         let t = timestep.to_dtype(DType::F32)?.flatten_all()?;
-        let t = if t.dim(0)? == b {
-            t
-        } else {
-            t.broadcast_as(b)?.contiguous()?
+        // One timestep for the whole batch (sampling) gives one embedding row, added to every
+        // image by broadcasting: each image then goes through the same products whatever the
+        // batch size (a product of a few rows can round differently from one of many), so an
+        // image sampled in a batch equals the image sampled alone.
+        let t = match t.dim(0)? {
+            n if n == b || n == 1 => t,
+            _ => t.broadcast_as(b)?.contiguous()?,
         };
         let c = &self.config;
         let temb =

@@ -59,9 +59,15 @@ fn cpu_conv_fwd(
     Ok((CpuStorage::F32(y), Shape::from((b, o, ho, wo))))
 }
 
-/// The gradient of a `[B, C, 1, 1]` shift added to every position of `grad`.
-fn shift_grad(grad: &Tensor) -> Result<Tensor> {
-    grad.sum_keepdim(3)?.sum_keepdim(2)
+/// The gradient of a `[B, C, 1, 1]` shift (or `[1, C, 1, 1]`, one for the whole batch) added to
+/// every position of `grad`.
+fn shift_grad(grad: &Tensor, shift: &Tensor) -> Result<Tensor> {
+    let g = grad.sum_keepdim(3)?.sum_keepdim(2)?;
+    if shift.dim(0)? == 1 && g.dim(0)? > 1 {
+        g.sum_keepdim(0)
+    } else {
+        Ok(g)
+    }
 }
 
 impl CustomOp1 for FrozenConv2d {
@@ -110,7 +116,7 @@ impl CustomOp2 for FrozenConv2d {
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let second = match (self.has_shift, second.track_op()) {
             (_, false) => None,
-            (true, true) => Some(shift_grad(grad)?),
+            (true, true) => Some(shift_grad(grad, second)?),
             (false, true) => Some(grad.clone()),
         };
         Ok((self.input_grad(x, grad)?, second))
@@ -151,7 +157,10 @@ impl CustomOp3 for FrozenConv2d {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let shift = shift.track_op().then(|| shift_grad(grad)).transpose()?;
+        let shift = shift
+            .track_op()
+            .then(|| shift_grad(grad, shift))
+            .transpose()?;
         let residual = residual.track_op().then(|| grad.clone());
         Ok((self.input_grad(x, grad)?, shift, residual))
     }
@@ -453,11 +462,20 @@ mod tests {
     #[test]
     fn addends_match_the_composed_sums() -> Result<()> {
         let dev = Device::Cpu;
-        for &(shift, residual) in &[(true, false), (false, true), (true, true), (false, false)] {
+        // (shift, residual, the shift's batch: one per image or one for the batch)
+        let cases = [
+            (true, false, 2),
+            (true, false, 1),
+            (false, true, 2),
+            (true, true, 2),
+            (true, true, 1),
+            (false, false, 2),
+        ];
+        for &(shift, residual, shift_batch) in &cases {
             let x = Var::randn(0f32, 1.0, (2, 3, 6, 6), &dev)?;
             let w = Tensor::randn(0f32, 1.0, (4, 3, 3, 3), &dev)?;
             let b = Tensor::randn(0f32, 1.0, 4, &dev)?;
-            let t = Var::randn(0f32, 1.0, (2, 4, 1, 1), &dev)?;
+            let t = Var::randn(0f32, 1.0, (shift_batch, 4, 1, 1), &dev)?;
             let r = Var::randn(0f32, 1.0, (2, 4, 6, 6), &dev)?;
             let addends = Addends {
                 bias: Some(&b),
@@ -483,7 +501,10 @@ mod tests {
                 ("residual", &r, residual),
             ] {
                 match (g.get(v), g_ref.get(v)) {
-                    (Some(a), Some(p)) => assert!(max_diff(a, p) < 1e-4, "{name}"),
+                    (Some(a), Some(p)) => {
+                        assert_eq!(a.dims(), p.dims(), "{name}");
+                        assert!(max_diff(a, p) < 1e-4, "{name}")
+                    }
                     (None, None) => assert!(!used, "{name}"),
                     _ => panic!("{name}: gradient present in one graph only"),
                 }

@@ -159,8 +159,11 @@ pub(super) fn forward_detached(
     composed(&x, &w, b.as_ref(), adapter, residual.as_ref())?.contiguous()
 }
 
-/// The CPU f32 forward: one output buffer that starts as `b + residual` and receives the
-/// products.
+/// The CPU f32 forward: each product written by gemm into its own buffer (as candle's matmul
+/// does: accumulating into a prefilled one makes gemm's small-matrix path give a row another
+/// rounding when the batch is small, and an image sampled in a batch must equal the image
+/// sampled alone), then the bias, the adapter and the residual added in one pass, in the
+/// composition's order.
 fn forward_cpu(
     x: &Tensor,
     w: &Tensor,
@@ -170,25 +173,14 @@ fn forward_cpu(
 ) -> Result<Tensor> {
     let (lead, in_f) = lead_and_last(x)?;
     let out_f = w.dim(0)?;
-    let mut y = match residual {
-        Some(r) => r.contiguous()?.flatten_all()?.to_vec1::<f32>()?,
-        None => vec![0f32; lead * out_f],
-    };
-    if let Some(b) = b {
-        let bias = b.to_vec1::<f32>()?;
-        for row in y.chunks_exact_mut(out_f) {
-            for (v, bv) in row.iter_mut().zip(&bias) {
-                *v += bv;
-            }
-        }
-    }
-    let accumulate = residual.is_some() || b.is_some();
+    let mut y = vec![0f32; lead * out_f];
+    let mut low_rank = None;
     with_f32(x, |xs| {
         with_f32(w, |ws| {
             matmul_f32(
                 &mut y,
                 out_f,
-                accumulate,
+                false,
                 (xs, false),
                 (ws, true),
                 (lead, out_f, in_f),
@@ -209,22 +201,46 @@ fn forward_cpu(
                 );
                 Ok(())
             })?;
-            let scale = a.scale as f32;
-            h.iter_mut().for_each(|v| *v *= scale);
+            let mut l = vec![0f32; lead * out_f];
             with_f32(a.up, |us| {
                 matmul_f32(
-                    &mut y,
+                    &mut l,
                     out_f,
-                    true,
+                    false,
                     (&h, false),
                     (us, true),
                     (lead, out_f, rank),
                 );
                 Ok(())
             })?;
+            low_rank = Some((l, a.scale as f32));
         }
         Ok(())
     })?;
+    let bias = b.map(|b| b.to_vec1::<f32>()).transpose()?;
+    let residual = residual.map(|r| r.contiguous()).transpose()?;
+    let add = |ys: &mut [f32], start: usize, rs: Option<&[f32]>| {
+        for (i, v) in ys.iter_mut().enumerate() {
+            let at = start + i;
+            if let Some(b) = &bias {
+                *v += b[at % out_f];
+            }
+            if let Some((l, s)) = &low_rank {
+                *v += l[at] * s;
+            }
+            if let Some(r) = rs {
+                *v += r[at];
+            }
+        }
+    };
+    match &residual {
+        Some(r) => with_f32(r, |rs| {
+            add(&mut y, 0, Some(rs));
+            Ok(())
+        })?,
+        None if bias.is_some() || low_rank.is_some() => add(&mut y, 0, None),
+        None => {}
+    }
     Tensor::from_vec(y, out_shape(x, out_f), x.device())
 }
 
@@ -506,6 +522,38 @@ pub(super) mod tests {
         let plain = composed(&x, &w, Some(&b), adapter, Some(&residual))?;
         assert_eq!(output_sized(&ours), 0);
         assert!(output_sized(&plain) >= 4, "{}", output_sized(&plain));
+        Ok(())
+    }
+
+    /// A row's output does not depend on how many images are in the batch (an image sampled
+    /// in a batch is the image sampled alone, which the CLI and the worker rely on). Products
+    /// of a few rows only (`rows x out` up to 256) take another path in gemm and round
+    /// differently, which is why the UNet computes one time embedding for a batch that shares
+    /// its timestep.
+    #[test]
+    fn rows_do_not_depend_on_the_batch() -> Result<()> {
+        let dev = Device::Cpu;
+        for (rows, in_f, out_f) in [(77, 32, 64), (77, 64, 32), (77, 320, 1280), (64, 1280, 320)] {
+            let x = Tensor::randn(0f32, 1.0, (6, rows, in_f), &dev)?;
+            let w = Tensor::randn(0f32, 1.0, (out_f, in_f), &dev)?;
+            let b = Tensor::randn(0f32, 1.0, out_f, &dev)?;
+            let (down, up) = (
+                Tensor::randn(0f32, 1.0, (4, in_f), &dev)?,
+                Tensor::randn(0f32, 1.0, (out_f, 4), &dev)?,
+            );
+            let a = Some(Adapter {
+                down: &down,
+                up: &up,
+                scale: 0.5,
+            });
+            let all = linear(&x, &w, Some(&b), a, None)?;
+            let two = linear(&x.narrow(0, 2, 2)?, &w, Some(&b), a, None)?;
+            let diff = (all.narrow(0, 2, 2)? - two)?
+                .abs()?
+                .max_all()?
+                .to_scalar::<f32>()?;
+            assert_eq!(diff, 0.0, "{rows} x {in_f} -> {out_f}");
+        }
         Ok(())
     }
 }
