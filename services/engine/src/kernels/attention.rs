@@ -11,7 +11,8 @@
 
 use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
 
-use super::{storage_of_cpu, storage_of_cuda, Output};
+use super::attention_cpu;
+use super::{cpu_f32, storage_of_cpu, storage_of_cuda, with_f32, Output};
 
 /// Most score elements (`chunk x M` per batch and head, all heads together) computed at once:
 /// 16 Mi floats, 64 MB in f32.
@@ -52,6 +53,9 @@ pub fn attention_tokens(
     scale: f64,
     upcast: bool,
 ) -> Result<Tensor> {
+    if cpu_f32(&[q, k, v]) {
+        return cpu_attention(q, k, v, heads, scale);
+    }
     let (qh, kh) = (
         to_heads(&q.detach(), heads, upcast)?,
         to_heads(&k.detach(), heads, upcast)?,
@@ -67,9 +71,60 @@ pub fn attention_tokens(
         y: Output::new(o),
         lse,
         scale,
-        tokens: Some(TokenLayout { heads, upcast }),
+        tokens: Some(TokenLayout {
+            heads,
+            upcast,
+            cpu: false,
+        }),
     };
     q.apply_op3(k, v, op)
+}
+
+/// [`attention_tokens`] by the CPU kernel (`kernels::attention_cpu`).
+fn cpu_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -> Result<Tensor> {
+    let dims = cpu_dims(q, k, heads)?;
+    let (o, lse) = with_f32(q, |qs| {
+        with_f32(k, |ks| {
+            with_f32(v, |vs| {
+                Ok(attention_cpu::forward(qs, ks, vs, dims, scale as f32))
+            })
+        })
+    })?;
+    let o = Tensor::from_vec(o, q.shape(), q.device())?;
+    if !(q.track_op() || k.track_op() || v.track_op()) {
+        return Ok(o);
+    }
+    let lse = Tensor::from_vec(lse, (dims.b, dims.heads, dims.n), q.device())?;
+    let op = Attention {
+        y: Output::new(o),
+        lse,
+        scale,
+        tokens: Some(TokenLayout {
+            heads,
+            upcast: false,
+            cpu: true,
+        }),
+    };
+    q.apply_op3(k, v, op)
+}
+
+fn cpu_dims(q: &Tensor, k: &Tensor, heads: usize) -> Result<attention_cpu::Dims> {
+    let (b, n, hd) = q.dims3()?;
+    let m = k.dim(1)?;
+    if hd % heads != 0 || k.dims3()? != (b, m, hd) {
+        candle_core::bail!(
+            "attention: q {:?} and k {:?} for {heads} heads",
+            q.dims(),
+            k.dims()
+        );
+    }
+    Ok(attention_cpu::Dims {
+        b,
+        n,
+        m,
+        heads,
+        d: hd / heads,
+    })
 }
 
 /// `[B, N, H·D]` as a contiguous `[B, H, N, D]`, in f32 when `upcast`.
@@ -135,6 +190,8 @@ struct Attention {
 struct TokenLayout {
     heads: usize,
     upcast: bool,
+    /// Computed by the CPU kernel (whose log-sum-exp is `[B, H, N]`).
+    cpu: bool,
 }
 
 impl CustomOp3 for Attention {
@@ -177,9 +234,12 @@ impl CustomOp3 for Attention {
         // Only the inputs in a graph get a gradient (the keys and values of a cross-attention
         // whose projections are frozen are not).
         let want = (q.track_op(), k.track_op(), v.track_op());
-        let Some(TokenLayout { heads, upcast }) = self.tokens else {
+        let Some(TokenLayout { heads, upcast, cpu }) = self.tokens else {
             return self.backward_heads(&q.detach(), &k.detach(), &v.detach(), out, grad, want);
         };
+        if cpu {
+            return self.backward_cpu(q, k, v, out, grad, heads, want);
+        }
         let (dq, dk, dv) = self.backward_heads(
             &to_heads(&q.detach(), heads, upcast)?,
             &to_heads(&k.detach(), heads, upcast)?,
@@ -197,6 +257,56 @@ impl CustomOp3 for Attention {
 }
 
 impl Attention {
+    /// The gradients by the CPU kernel, in the token layout.
+    #[allow(clippy::too_many_arguments)]
+    fn backward_cpu(
+        &self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Tensor,
+        grad: &Tensor,
+        heads: usize,
+        (wq, wk, wv): (bool, bool, bool),
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dims = cpu_dims(q, k, heads)?;
+        let want = attention_cpu::Want {
+            q: wq,
+            k: wk,
+            v: wv,
+        };
+        let grad = grad.to_dtype(DType::F32)?;
+        let (dq, dk, dv) = with_f32(q, |qs| {
+            with_f32(k, |ks| {
+                with_f32(v, |vs| {
+                    with_f32(out, |os| {
+                        with_f32(&self.lse, |ls| {
+                            with_f32(&grad, |gs| {
+                                Ok(attention_cpu::backward(
+                                    qs,
+                                    ks,
+                                    vs,
+                                    os,
+                                    ls,
+                                    gs,
+                                    dims,
+                                    self.scale as f32,
+                                    want,
+                                ))
+                            })
+                        })
+                    })
+                })
+            })
+        })?;
+        let wrap = |g: Vec<f32>, wanted: bool, like: &Tensor| -> Result<Option<Tensor>> {
+            wanted
+                .then(|| Tensor::from_vec(g, like.shape(), like.device()))
+                .transpose()
+        };
+        Ok((wrap(dq, wq, q)?, wrap(dk, wk, k)?, wrap(dv, wv, v)?))
+    }
+
     /// The gradients in the per-head layout (`want`: which of q, k, v need one).
     fn backward_heads(
         &self,
@@ -300,14 +410,15 @@ mod tests {
         check((2, 4, 1100, 4), 4096)
     }
 
-    /// The token-layout op against the per-head one on the same values.
-    fn check_tokens(b: usize, heads: usize, n: usize, m: usize, d: usize) -> Result<()> {
+    /// The token-layout op against the per-head one on the same values: in f32 on the CPU
+    /// the CPU kernel, in f64 the candle ops other devices run.
+    fn check_tokens(b: usize, heads: usize, n: usize, m: usize, d: usize, dt: DType) -> Result<()> {
         let dev = Device::Cpu;
         let tok = |len: usize| -> Result<Var> {
-            Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, len, heads * d), &dev)?)
+            Var::from_tensor(&Tensor::randn(0f32, 1.0, (b, len, heads * d), &dev)?.to_dtype(dt)?)
         };
         let (q, k, v) = (tok(n)?, tok(m)?, tok(m)?);
-        let w = Tensor::randn(0f32, 1.0, (b, n, heads * d), &dev)?;
+        let w = Tensor::randn(0f32, 1.0, (b, n, heads * d), &dev)?.to_dtype(dt)?;
         let scale = (d as f64).powf(-0.5);
         let ours = attention_tokens(&q, &k, &v, heads, scale, false)?;
         let split = |t: &Tensor| -> Result<Tensor> {
@@ -317,22 +428,30 @@ mod tests {
         let plain = reference(&split(&q)?, &split(&k)?, &split(&v)?, scale)?
             .transpose(1, 2)?
             .reshape((b, n, heads * d))?;
+        let rel = |a: &Tensor, b: &Tensor| {
+            let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+            rel(&f(a), &f(b))
+        };
         assert!(rel(&ours, &plain) < 1e-5, "values {}", rel(&ours, &plain));
         let g_ours = (ours * &w)?.sum_all()?.backward()?;
         let g_plain = (plain * &w)?.sum_all()?.backward()?;
         for (name, var) in [("q", &q), ("k", &k), ("v", &v)] {
             let (a, r) = (g_ours.get(var).unwrap(), g_plain.get(var).unwrap());
             assert_eq!(a.dims(), var.dims());
-            assert!(rel(a, r) < 1e-5, "{name} grad {}", rel(a, r));
+            assert!(rel(a, r) < 1e-5, "{name} grad {} ({dt:?})", rel(a, r));
         }
         Ok(())
     }
 
     #[test]
     fn token_layout_matches_the_per_head_op() -> Result<()> {
-        check_tokens(2, 3, 40, 40, 8)?; // self-attention
-        check_tokens(1, 2, 33, 7, 16)?; // cross-attention
-        check_tokens(1, 4, 1100, 4096, 2) // chunked
+        for dt in [DType::F32, DType::F64] {
+            check_tokens(2, 3, 40, 40, 8, dt)?; // self-attention
+            check_tokens(1, 2, 33, 7, 16, dt)?; // cross-attention
+            check_tokens(1, 2, 5, 9, 4, dt)?; // fewer query rows than a block's least
+        }
+        // query blocks of 32 rows against 4096 keys, in two groups per head, the last short
+        check_tokens(1, 4, 1100, 4096, 2, DType::F32)
     }
 
     /// Frozen keys and values (a cross-attention whose projections do not train) get no

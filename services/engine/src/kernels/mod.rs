@@ -8,6 +8,7 @@
 //! result to candle, so that the graph holds what the op's own backward needs and nothing else.
 
 pub mod attention;
+mod attention_cpu;
 pub mod conv;
 pub mod geglu;
 pub mod layers;
