@@ -90,9 +90,21 @@ pub(crate) fn matmul_f32(
     dst: &mut [f32],
     dst_rs: usize,
     accumulate: bool,
+    lhs: (&[f32], bool),
+    rhs: (&[f32], bool),
+    mnk: (usize, usize, usize),
+) {
+    matmul_with(dst, dst_rs, accumulate, lhs, rhs, mnk, parallelism())
+}
+
+fn matmul_with(
+    dst: &mut [f32],
+    dst_rs: usize,
+    accumulate: bool,
     (lhs, lhs_t): (&[f32], bool),
     (rhs, rhs_t): (&[f32], bool),
     (m, n, k): (usize, usize, usize),
+    parallelism: gemm::Parallelism,
 ) {
     if m == 0 || n == 0 {
         return;
@@ -122,9 +134,29 @@ pub(crate) fn matmul_f32(
             false,
             false,
             false,
-            parallelism(),
+            parallelism,
         )
     }
+}
+
+/// `dst[m, n] (row stride dst_rs) = lhs[m, k] · rhs[k, n]` as [`matmul_f32`], on the calling
+/// thread only (for work already split over the cores).
+pub(crate) fn matmul_f32_serial(
+    dst: &mut [f32],
+    dst_rs: usize,
+    (lhs, lhs_t): (&[f32], bool),
+    (rhs, rhs_t): (&[f32], bool),
+    (m, n, k): (usize, usize, usize),
+) {
+    matmul_with(
+        dst,
+        dst_rs,
+        false,
+        (lhs, lhs_t),
+        (rhs, rhs_t),
+        (m, n, k),
+        gemm::Parallelism::None,
+    )
 }
 
 /// Whether the CPU kernels serve these tensors: all on the CPU, all f32.
