@@ -9,10 +9,10 @@
 //! products as the inner loop). The op keeps `q`, `k`, `v`, the output and one float per query
 //! row. Values and gradients equal the plain composition's to rounding (tests below).
 
-use candle_core::{CpuStorage, CudaStorage, CustomOp3, DType, Layout, Result, Shape, Tensor, D};
+use candle_core::{CustomOp3, DType, Result, Tensor, D};
 
 use super::attention_cpu;
-use super::{cpu_f32, storage_of_cpu, storage_of_cuda, with_f32, Output};
+use super::{cpu_f32, with_f32, Output};
 
 /// Most score elements (`chunk x M` per batch and head, all heads together) computed at once:
 /// 16 Mi floats, 64 MB in f32.
@@ -199,29 +199,7 @@ impl CustomOp3 for Attention {
         "chunked-attention"
     }
 
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        storage_of_cpu(&self.y.take()?)
-    }
-
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        storage_of_cuda(&self.y.take()?)
-    }
+    precomputed_forward!(3);
 
     fn bwd(
         &self,

@@ -15,6 +15,8 @@
 
 use rayon::prelude::*;
 
+use super::gemm_strided;
+
 /// Bytes of scores per block (per buffer): 128 query rows against 4096 keys. Products of
 /// fewer rows run far below gemm's best (measured: 84 GFLOP/s per core at 32 rows, 145 at 128).
 const BLOCK_BYTES: usize = 2 << 20;
@@ -50,51 +52,30 @@ impl Dims {
     }
 }
 
-/// `dst[m, n] = (read ? dst : 0) + scale · lhs[m, k] · rhs[k, n]` on strided views
-/// (`(row stride, column stride)` of each), on the calling thread.
+/// [`gemm_strided`] on the calling thread (the blocks already run in parallel).
 #[allow(clippy::too_many_arguments)]
 fn gemm_view(
     dst: &mut [f32],
     dst_rs: usize,
     read: bool,
     lhs: &[f32],
-    (lhs_rs, lhs_cs): (usize, usize),
+    lhs_strides: (usize, usize),
     rhs: &[f32],
-    (rhs_rs, rhs_cs): (usize, usize),
-    (m, n, k): (usize, usize, usize),
+    rhs_strides: (usize, usize),
+    mnk: (usize, usize, usize),
     scale: f32,
 ) {
-    if m == 0 || n == 0 {
-        return;
-    }
-    let last = |rs: usize, cs: usize, rows: usize, cols: usize| (rows - 1) * rs + (cols - 1) * cs;
-    assert!(dst.len() > last(dst_rs, 1, m, n));
-    assert!(k == 0 || lhs.len() > last(lhs_rs, lhs_cs, m, k));
-    assert!(k == 0 || rhs.len() > last(rhs_rs, rhs_cs, k, n));
-    // SAFETY: the asserts keep every element the strides reach inside its slice.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            dst_rs as isize,
-            read,
-            lhs.as_ptr(),
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs.as_ptr(),
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            scale,
-            false,
-            false,
-            false,
-            gemm::Parallelism::None,
-        )
-    }
+    let (lhs, rhs) = ((lhs, lhs_strides), (rhs, rhs_strides));
+    gemm_strided(
+        dst,
+        dst_rs,
+        read,
+        lhs,
+        rhs,
+        mnk,
+        scale,
+        gemm::Parallelism::None,
+    )
 }
 
 /// `e^x` to about 2 ulp, in a form the compiler vectorises (the softmax's exponentials are a

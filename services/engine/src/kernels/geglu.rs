@@ -7,13 +7,11 @@
 //! backward computes the GEGLU's values again from `p`. On the CPU in f32 the GEGLU and its
 //! gradient are one pass each over `p`; elsewhere they are candle ops.
 
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp2, Layout, Result, Shape, Tensor, D,
-};
+use candle_core::{CustomOp1, CustomOp2, Result, Tensor, D};
 use rayon::prelude::*;
 
 use super::linear::{composed, forward_detached, out_shape, Adapter};
-use super::{cpu_f32, storage_of_cpu, storage_of_cuda, with_f32, Output};
+use super::{cpu_f32, with_f32, Output};
 
 const FRAC_1_SQRT_2: f32 = std::f32::consts::FRAC_1_SQRT_2;
 /// 1/√(2π), the standard normal density's factor.
@@ -164,12 +162,7 @@ impl CustomOp1 for GegluLinear {
     fn name(&self) -> &'static str {
         "geglu-linear"
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        storage_of_cpu(&self.y.take()?)
-    }
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        storage_of_cuda(&self.y.take()?)
-    }
+    precomputed_forward!(1);
     fn bwd(&self, p: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         self.p_grad(p, grad)
     }
@@ -179,24 +172,7 @@ impl CustomOp2 for GegluLinear {
     fn name(&self) -> &'static str {
         "geglu-linear"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        storage_of_cpu(&self.y.take()?)
-    }
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        storage_of_cuda(&self.y.take()?)
-    }
+    precomputed_forward!(2);
     fn bwd(
         &self,
         p: &Tensor,

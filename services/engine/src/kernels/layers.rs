@@ -8,12 +8,10 @@
 //! only, as a convolution with the flipped kernel; a trained kernel's gradient, on the CPU, as
 //! one matrix product with the input's columns. (Linear layers: `kernels::linear`.)
 
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
-};
+use candle_core::{CpuStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor};
 
 use super::conv as cpu_conv;
-use super::{cpu_f32, f32_slice, storage_of_cpu, storage_of_cuda, Output};
+use super::{cpu_f32, f32_slice, Output};
 
 /// `x.conv2d(w, padding, stride, 1, 1)` of detached tensors, through im2col on the CPU.
 fn conv2d_detached(x: &Tensor, w: &Tensor, padding: usize, stride: usize) -> Result<Tensor> {
@@ -74,12 +72,7 @@ impl CustomOp1 for FrozenConv2d {
     fn name(&self) -> &'static str {
         "frozen-conv2d"
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        storage_of_cpu(&self.y.take()?)
-    }
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        storage_of_cuda(&self.y.take()?)
-    }
+    precomputed_forward!(1);
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         self.input_grad(x, grad)
     }
@@ -89,24 +82,7 @@ impl CustomOp2 for FrozenConv2d {
     fn name(&self) -> &'static str {
         "frozen-conv2d"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        storage_of_cpu(&self.y.take()?)
-    }
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        storage_of_cuda(&self.y.take()?)
-    }
+    precomputed_forward!(2);
     fn bwd(
         &self,
         x: &Tensor,
@@ -127,28 +103,7 @@ impl CustomOp3 for FrozenConv2d {
     fn name(&self) -> &'static str {
         "frozen-conv2d"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        storage_of_cpu(&self.y.take()?)
-    }
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        storage_of_cuda(&self.y.take()?)
-    }
+    precomputed_forward!(3);
     fn bwd(
         &self,
         x: &Tensor,

@@ -17,11 +17,9 @@
 //! the arguments that are in a graph. A weight or bias that trains goes through the plain
 //! composition ([`composed`]), which is also what the tests hold this op to.
 
-use candle_core::{
-    CpuStorage, CudaStorage, CustomOp1, CustomOp2, CustomOp3, Layout, Result, Shape, Tensor,
-};
+use candle_core::{CustomOp1, CustomOp2, CustomOp3, Result, Shape, Tensor};
 
-use super::{cpu_f32, matmul_f32, storage_of_cpu, storage_of_cuda, with_f32, Output};
+use super::{cpu_f32, matmul_f32, with_f32, Output};
 
 /// The low-rank adapter of a linear layer: `down` `[rank, in]`, `up` `[out, rank]`.
 #[derive(Clone, Copy, Debug)]
@@ -309,12 +307,7 @@ impl CustomOp1 for FusedLinear {
     fn name(&self) -> &'static str {
         "fused-linear"
     }
-    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
-        storage_of_cpu(&self.y.take()?)
-    }
-    fn cuda_fwd(&self, _: &CudaStorage, _: &Layout) -> Result<(CudaStorage, Shape)> {
-        storage_of_cuda(&self.y.take()?)
-    }
+    precomputed_forward!(1);
     fn bwd(&self, x: &Tensor, _: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
         Ok(self.grads(x, None, grad)?.0)
     }
@@ -324,24 +317,7 @@ impl CustomOp2 for FusedLinear {
     fn name(&self) -> &'static str {
         "fused-linear"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        storage_of_cpu(&self.y.take()?)
-    }
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        storage_of_cuda(&self.y.take()?)
-    }
+    precomputed_forward!(2);
     fn bwd(
         &self,
         x: &Tensor,
@@ -363,28 +339,7 @@ impl CustomOp3 for FusedLinear {
     fn name(&self) -> &'static str {
         "fused-linear"
     }
-    fn cpu_fwd(
-        &self,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-        _: &CpuStorage,
-        _: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        storage_of_cpu(&self.y.take()?)
-    }
-    fn cuda_fwd(
-        &self,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-        _: &CudaStorage,
-        _: &Layout,
-    ) -> Result<(CudaStorage, Shape)> {
-        storage_of_cuda(&self.y.take()?)
-    }
+    precomputed_forward!(3);
     fn bwd(
         &self,
         x: &Tensor,

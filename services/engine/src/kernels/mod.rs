@@ -7,6 +7,71 @@
 //! candle ops on detached tensors, or a CPU kernel), and the op's forward only hands that
 //! result to candle, so that the graph holds what the op's own backward needs and nothing else.
 
+/// The `cpu_fwd` and `cuda_fwd` of a custom op of 1, 2 or 3 arguments whose forward was computed
+/// before it was recorded and sits in its `y: Output` field: they hand that result to candle.
+macro_rules! precomputed_forward {
+    (1) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            $crate::kernels::storage_of_cpu(&self.y.take()?)
+        }
+        fn cuda_fwd(
+            &self,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            $crate::kernels::storage_of_cuda(&self.y.take()?)
+        }
+    };
+    (2) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            $crate::kernels::storage_of_cpu(&self.y.take()?)
+        }
+        fn cuda_fwd(
+            &self,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            $crate::kernels::storage_of_cuda(&self.y.take()?)
+        }
+    };
+    (3) => {
+        fn cpu_fwd(
+            &self,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CpuStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+            $crate::kernels::storage_of_cpu(&self.y.take()?)
+        }
+        fn cuda_fwd(
+            &self,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+            _: &candle_core::CudaStorage,
+            _: &candle_core::Layout,
+        ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+            $crate::kernels::storage_of_cuda(&self.y.take()?)
+        }
+    };
+}
+
 pub mod attention;
 mod attention_cpu;
 pub mod conv;
@@ -106,14 +171,42 @@ fn matmul_with(
     (m, n, k): (usize, usize, usize),
     parallelism: gemm::Parallelism,
 ) {
+    let lhs_strides = if lhs_t { (1, m) } else { (k, 1) };
+    let rhs_strides = if rhs_t { (1, k) } else { (n, 1) };
+    let (lhs, rhs) = ((lhs, lhs_strides), (rhs, rhs_strides));
+    gemm_strided(
+        dst,
+        dst_rs,
+        accumulate,
+        lhs,
+        rhs,
+        (m, n, k),
+        1.0,
+        parallelism,
+    )
+}
+
+/// `dst[m, n] (row stride dst_rs) = (read ? dst : 0) + scale · lhs[m, k] · rhs[k, n]`, each
+/// operand a strided view `(values, (row stride, column stride))`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_strided(
+    dst: &mut [f32],
+    dst_rs: usize,
+    read: bool,
+    (lhs, (lhs_rs, lhs_cs)): (&[f32], (usize, usize)),
+    (rhs, (rhs_rs, rhs_cs)): (&[f32], (usize, usize)),
+    (m, n, k): (usize, usize, usize),
+    scale: f32,
+    parallelism: gemm::Parallelism,
+) {
     if m == 0 || n == 0 {
         return;
     }
-    assert!(dst.len() >= (m - 1) * dst_rs + n && lhs.len() >= m * k && rhs.len() >= k * n);
-    let (lhs_cs, lhs_rs) = if lhs_t { (m, 1) } else { (1, k) };
-    let (rhs_cs, rhs_rs) = if rhs_t { (k, 1) } else { (1, n) };
-    // SAFETY: the assert keeps every index inside the three slices (dst row i spans
-    // i·dst_rs .. i·dst_rs + n; lhs is m x k and rhs k x n with the strides chosen).
+    let last = |rs: usize, cs: usize, rows: usize, cols: usize| (rows - 1) * rs + (cols - 1) * cs;
+    assert!(dst.len() > last(dst_rs, 1, m, n));
+    assert!(k == 0 || lhs.len() > last(lhs_rs, lhs_cs, m, k));
+    assert!(k == 0 || rhs.len() > last(rhs_rs, rhs_cs, k, n));
+    // SAFETY: the asserts keep every element the strides reach inside its slice.
     unsafe {
         gemm::gemm(
             m,
@@ -122,7 +215,7 @@ fn matmul_with(
             dst.as_mut_ptr(),
             1,
             dst_rs as isize,
-            accumulate,
+            read,
             lhs.as_ptr(),
             lhs_cs as isize,
             lhs_rs as isize,
@@ -130,7 +223,7 @@ fn matmul_with(
             rhs_cs as isize,
             rhs_rs as isize,
             1.0,
-            1.0,
+            scale,
             false,
             false,
             false,
