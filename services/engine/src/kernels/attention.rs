@@ -28,6 +28,19 @@ fn chunk_rows(b: usize, h: usize, n: usize, m: usize) -> usize {
 /// f32; the probabilities multiply `v` in its dtype. Differentiable in all three inputs.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tensor> {
     let (o, lse) = forward_chunked(&q.detach(), &k.detach(), &v.detach(), scale)?;
+    record(q, k, v, o, lse, scale, None)
+}
+
+/// The output `o` as the attention op's, when an input is in a graph.
+fn record(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    o: Tensor,
+    lse: Tensor,
+    scale: f64,
+    tokens: Option<TokenLayout>,
+) -> Result<Tensor> {
     if !(q.track_op() || k.track_op() || v.track_op()) {
         return Ok(o);
     }
@@ -35,7 +48,7 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Result<Tenso
         y: Output::new(o),
         lse,
         scale,
-        tokens: None,
+        tokens,
     };
     q.apply_op3(k, v, op)
 }
@@ -63,21 +76,12 @@ pub fn attention_tokens(
     let vh = to_heads(&v.detach(), heads, false)?;
     let (o, lse) = forward_chunked(&qh, &kh, &vh, scale)?;
     drop((qh, kh, vh));
-    let o = from_heads(&o)?;
-    if !(q.track_op() || k.track_op() || v.track_op()) {
-        return Ok(o);
-    }
-    let op = Attention {
-        y: Output::new(o),
-        lse,
-        scale,
-        tokens: Some(TokenLayout {
-            heads,
-            upcast,
-            cpu: false,
-        }),
+    let layout = TokenLayout {
+        heads,
+        upcast,
+        cpu: false,
     };
-    q.apply_op3(k, v, op)
+    record(q, k, v, from_heads(&o)?, lse, scale, Some(layout))
 }
 
 /// [`attention_tokens`] by the CPU kernel (`kernels::attention_cpu`).
@@ -91,21 +95,13 @@ fn cpu_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, scale: f64) -
         })
     })?;
     let o = Tensor::from_vec(o, q.shape(), q.device())?;
-    if !(q.track_op() || k.track_op() || v.track_op()) {
-        return Ok(o);
-    }
     let lse = Tensor::from_vec(lse, (dims.b, dims.heads, dims.n), q.device())?;
-    let op = Attention {
-        y: Output::new(o),
-        lse,
-        scale,
-        tokens: Some(TokenLayout {
-            heads,
-            upcast: false,
-            cpu: true,
-        }),
+    let layout = TokenLayout {
+        heads,
+        upcast: false,
+        cpu: true,
     };
-    q.apply_op3(k, v, op)
+    record(q, k, v, o, lse, scale, Some(layout))
 }
 
 fn cpu_dims(q: &Tensor, k: &Tensor, heads: usize) -> Result<attention_cpu::Dims> {

@@ -271,23 +271,22 @@ pub fn conv2d(
         stride,
         in_hw: (h, wd),
     };
-    let frozen_addends = addends.bias.is_none_or(|b| !b.track_op());
     let in_graph = |t: Option<&Tensor>| t.is_some_and(|t| t.track_op());
+    let bias_trains = in_graph(addends.bias);
     let any_graph = x.track_op()
         || w.track_op()
-        || addends.bias.is_some_and(|b| b.track_op())
+        || bias_trains
         || in_graph(addends.shift)
         || in_graph(addends.residual);
     if !any_graph {
         return addends.add_to(conv2d_detached(x, w, padding, stride)?);
     }
-    if kh != kw || 2 * padding > kh - 1 || !frozen_addends {
+    let candle_op =
+        kh != kw || 2 * padding > kh - 1 || bias_trains || (w.track_op() && !cpu_f32(&[x, w]));
+    if candle_op {
         return addends.add_to(x.conv2d(w, padding, stride, 1, 1)?);
     }
     if w.track_op() {
-        if !cpu_f32(&[x, w]) {
-            return addends.add_to(x.conv2d(w, padding, stride, 1, 1)?);
-        }
         let y = x.contiguous()?.apply_op2(
             &w.contiguous()?,
             TrainedConv2d {

@@ -10,8 +10,8 @@
 //! and the adapter's two small matrices, and nothing the size of its output: in a UNet
 //! transformer block that is most of what training keeps.
 //!
-//! The forward runs once, before the op is recorded: on the CPU in f32 as matrix products
-//! accumulated into one output buffer that starts as bias plus residual, elsewhere as candle
+//! The forward runs once, before the op is recorded: on the CPU in f32 as gemm products with
+//! the bias, the adapter and the residual added in one pass after them, elsewhere as candle
 //! ops on detached tensors. The backward computes the input gradient `g·W + scale·(g·B)·A` and
 //! the adapter's `dB = scale·gᵀ·(x·Aᵀ)`, `dA = scale·(g·B)ᵀ·x` with candle ops, and only for
 //! the arguments that are in a graph. A weight or bias that trains goes through the plain
@@ -134,27 +134,33 @@ pub(super) fn forward_detached(
     adapter: Option<Adapter<'_>>,
     residual: Option<&Tensor>,
 ) -> Result<Tensor> {
-    let (x, w) = (x.detach(), w.detach());
-    let b = b.map(Tensor::detach);
-    let residual = residual.map(Tensor::detach);
+    let same_shape = |r: &Tensor| r.dims() == out_shape(x, w.dims()[0]).dims();
+    let mut all = vec![x, w];
+    all.extend(b);
+    all.extend(residual);
+    all.extend(adapter.iter().flat_map(|a| [a.down, a.up]));
+    // The CPU kernel reads the values and records nothing.
+    if cpu_f32(&all) && residual.is_none_or(same_shape) {
+        return forward_cpu(x, w, b, adapter, residual);
+    }
     let (down, up) = adapter.map(|a| (a.down.detach(), a.up.detach())).unzip();
-    let adapter = adapter
-        .zip(down.as_ref().zip(up.as_ref()))
-        .map(|(a, (down, up))| Adapter {
+    let adapter = match (adapter, &down, &up) {
+        (Some(a), Some(down), Some(up)) => Some(Adapter {
             down,
             up,
             scale: a.scale,
-        });
-    let mut all = vec![&x, &w];
-    all.extend(b.as_ref());
-    all.extend(residual.as_ref());
-    all.extend(down.as_ref());
-    all.extend(up.as_ref());
-    let same_shape = |r: &Tensor| r.dims() == out_shape(&x, w.dims()[0]).dims();
-    if cpu_f32(&all) && residual.as_ref().is_none_or(same_shape) {
-        return forward_cpu(&x, &w, b.as_ref(), adapter, residual.as_ref());
-    }
-    composed(&x, &w, b.as_ref(), adapter, residual.as_ref())?.contiguous()
+        }),
+        _ => None,
+    };
+    let (b, residual) = (b.map(Tensor::detach), residual.map(Tensor::detach));
+    composed(
+        &x.detach(),
+        &w.detach(),
+        b.as_ref(),
+        adapter,
+        residual.as_ref(),
+    )?
+    .contiguous()
 }
 
 /// The CPU f32 forward: each product written by gemm into its own buffer (as candle's matmul
@@ -216,10 +222,8 @@ fn forward_cpu(
         Ok(())
     })?;
     let bias = b.map(|b| b.to_vec1::<f32>()).transpose()?;
-    let residual = residual.map(|r| r.contiguous()).transpose()?;
-    let add = |ys: &mut [f32], start: usize, rs: Option<&[f32]>| {
-        for (i, v) in ys.iter_mut().enumerate() {
-            let at = start + i;
+    let add = |ys: &mut [f32], rs: Option<&[f32]>| {
+        for (at, v) in ys.iter_mut().enumerate() {
             if let Some(b) = &bias {
                 *v += b[at % out_f];
             }
@@ -231,12 +235,12 @@ fn forward_cpu(
             }
         }
     };
-    match &residual {
+    match residual {
         Some(r) => with_f32(r, |rs| {
-            add(&mut y, 0, Some(rs));
+            add(&mut y, Some(rs));
             Ok(())
         })?,
-        None if bias.is_some() || low_rank.is_some() => add(&mut y, 0, None),
+        None if bias.is_some() || low_rank.is_some() => add(&mut y, None),
         None => {}
     }
     Tensor::from_vec(y, out_shape(x, out_f), x.device())
