@@ -208,18 +208,49 @@ pub(crate) fn gemm_strided(
     assert!(k == 0 || rhs.len() > last(rhs_rs, rhs_cs, k, n));
     // SAFETY: the asserts keep every element the strides reach inside its slice.
     unsafe {
+        gemm_raw(
+            dst.as_mut_ptr(),
+            dst_rs,
+            read,
+            (lhs.as_ptr(), (lhs_rs, lhs_cs)),
+            (rhs.as_ptr(), (rhs_rs, rhs_cs)),
+            (m, n, k),
+            scale,
+            parallelism,
+        )
+    }
+}
+
+/// [`gemm_strided`] on pointers, for a destination that other threads write around (tiles of
+/// one output); with `read` false the destination is only written.
+///
+/// # Safety
+/// Every element the strides reach from each pointer must be valid (for writing, at `dst`) and
+/// no other thread may touch the destination's elements meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_raw(
+    dst: *mut f32,
+    dst_rs: usize,
+    read: bool,
+    (lhs, (lhs_rs, lhs_cs)): (*const f32, (usize, usize)),
+    (rhs, (rhs_rs, rhs_cs)): (*const f32, (usize, usize)),
+    (m, n, k): (usize, usize, usize),
+    scale: f32,
+    parallelism: gemm::Parallelism,
+) {
+    unsafe {
         gemm::gemm(
             m,
             n,
             k,
-            dst.as_mut_ptr(),
+            dst,
             1,
             dst_rs as isize,
             read,
-            lhs.as_ptr(),
+            lhs,
             lhs_cs as isize,
             lhs_rs as isize,
-            rhs.as_ptr(),
+            rhs,
             rhs_cs as isize,
             rhs_rs as isize,
             1.0,
@@ -230,26 +261,6 @@ pub(crate) fn gemm_strided(
             parallelism,
         )
     }
-}
-
-/// `dst[m, n] (row stride dst_rs) = lhs[m, k] · rhs[k, n]` as [`matmul_f32`], on the calling
-/// thread only (for work already split over the cores).
-pub(crate) fn matmul_f32_serial(
-    dst: &mut [f32],
-    dst_rs: usize,
-    (lhs, lhs_t): (&[f32], bool),
-    (rhs, rhs_t): (&[f32], bool),
-    (m, n, k): (usize, usize, usize),
-) {
-    matmul_with(
-        dst,
-        dst_rs,
-        false,
-        (lhs, lhs_t),
-        (rhs, rhs_t),
-        (m, n, k),
-        gemm::Parallelism::None,
-    )
 }
 
 /// Whether the CPU kernels serve these tensors: all on the CPU, all f32.
